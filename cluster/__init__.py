@@ -1,0 +1,1 @@
+"""What every chatmesh server shares, with no I/O: configuration, name rules, JSON-lines framing."""
