@@ -61,8 +61,7 @@ class ClusterConfig:
     def fingerprint(self) -> str:
         """Stable short hash of the cluster's shape, so clusters from different files never share data."""
         text = "\n".join(
-            f"{s.server_id} {s.host} {s.clients_port} {s.coordination_port} {s.priority} "
-            f"{s.admin_port} {s.raft_port}"
+            f"{s.server_id} {s.host} {s.clients_port} {s.coordination_port} {s.priority} {s.admin_port} {s.raft_port}"
             for s in self.servers
         )
         return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -106,15 +105,9 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
         except ValueError:
             raise ConfigError(f"{where}: priority {fields[4]!r} is not an integer") from None
         if priority in seen_priorities:
-            raise ConfigError(
-                f"{where}: duplicate priority {priority} (first on line {seen_priorities[priority]})"
-            )
-        admin_port = (
-            _port(fields[5], "admin_port", where) if len(fields) > 5 else clients_port + ADMIN_PORT_OFFSET
-        )
-        raft_port = (
-            _port(fields[6], "raft_port", where) if len(fields) > 6 else coordination_port + RAFT_PORT_OFFSET
-        )
+            raise ConfigError(f"{where}: duplicate priority {priority} (first on line {seen_priorities[priority]})")
+        admin_port = _port(fields[5], "admin_port", where) if len(fields) > 5 else clients_port + ADMIN_PORT_OFFSET
+        raft_port = _port(fields[6], "raft_port", where) if len(fields) > 6 else coordination_port + RAFT_PORT_OFFSET
         for name, port in (
             ("clients_port", clients_port),
             ("coordination_port", coordination_port),
@@ -127,8 +120,7 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
             if key in seen_ports:
                 other_line, other_name = seen_ports[key]
                 raise ConfigError(
-                    f"{where}: port {port} on {host} used twice ({name}; already {other_name} on line "
-                    f"{other_line})"
+                    f"{where}: port {port} on {host} used twice ({name}; already {other_name} on line {other_line})"
                 )
             seen_ports[key] = (lineno, name)
         seen_ids[server_id] = lineno

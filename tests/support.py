@@ -70,7 +70,9 @@ class Processes:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
 
-    def start(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = log_dir / f"{name}.log"
         self.logs[name] = log
         full_env = dict(os.environ)
@@ -127,3 +129,215 @@ def processes() -> Iterator[Processes]:
         yield group
     finally:
         group.kill_all()
+
+
+# --- a whole cluster of real `python -m node` processes -------------------------------------------
+
+TEST_SECRET = "chatmesh-test-secret"
+TEST_ADMIN_TOKEN = "chatmesh-test-token"
+
+
+def http_json(url: str, timeout: float = 1.0) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+class Cluster:
+    """N chat servers started exactly as users start them (`python -m node --config ... --id ...`)."""
+
+    def __init__(self, root: Path, count: int, env: dict[str, str] | None = None) -> None:
+        from cluster.config import load_config
+
+        self.root = root
+        self.config_path = write_config(root, count)
+        self.config = load_config(self.config_path)
+        self.procs = Processes()
+        self.env = {"CHATMESH_SECRET": TEST_SECRET, "CHATMESH_ADMIN_TOKEN": TEST_ADMIN_TOKEN}
+        if env:
+            self.env.update(env)
+        self.stopped: set[str] = set()
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.config.ids)
+
+    def start(self, server_id: str) -> None:
+        self.procs.kill(server_id)
+        self.stopped.discard(server_id)
+        args = [
+            PYTHON,
+            "-m",
+            "node",
+            "--config",
+            str(self.config_path),
+            "--id",
+            server_id,
+            "--data-dir",
+            str(self.root / "data" / server_id),
+        ]
+        self.procs.start(server_id, args, self.root, env=self.env)
+
+    def admin_url(self, server_id: str) -> str:
+        s = self.config.server(server_id)
+        return f"http://{s.host}:{s.admin_port}"
+
+    def client_address(self, server_id: str) -> tuple[str, int]:
+        s = self.config.server(server_id)
+        return s.host, s.clients_port
+
+    def status(self, server_id: str, timeout: float = 1.0) -> dict:
+        return http_json(self.admin_url(server_id) + "/status", timeout)
+
+    def alive(self, server_id: str) -> bool:
+        proc = self.procs.procs.get(server_id)
+        return proc is not None and proc.poll() is None
+
+    def live(self) -> list[str]:
+        return [i for i in self.ids if self.alive(i) and i not in self.stopped]
+
+    def healthy(self, server_id: str) -> bool:
+        if not self.alive(server_id):
+            raise AssertionError(f"{server_id} exited:\n{self.procs.log(server_id)[-3000:]}")
+        try:
+            http_json(self.admin_url(server_id) + "/health", 0.5)
+            return True
+        except Exception:
+            return False
+
+    def wait_ready(self, server_id: str, timeout: float = 30.0) -> None:
+        wait_until(lambda: self.healthy(server_id), timeout, 0.05, f"{server_id} /health")
+
+    def coordinators(self) -> dict[str, str | None]:
+        return {i: self.status(i).get("coordinator") for i in self.live()}
+
+    def wait_coordinator(self, expected: str | None = None, timeout: float = 20.0) -> str:
+        """Every live server reports the same coordinator (the expected one if given); returns it."""
+        result: list[str] = []
+
+        def agreed() -> bool:
+            views = set(self.coordinators().values())
+            if len(views) != 1:
+                return False
+            (view,) = views
+            if view is None or (expected is not None and view != expected):
+                return False
+            result.append(view)
+            return True
+
+        wait_until(agreed, timeout, 0.05, f"agreement on coordinator {expected or ''}")
+        return result[-1]
+
+    def kill(self, server_id: str) -> None:
+        self.procs.kill(server_id)
+
+    def stop(self, server_id: str) -> None:
+        """SIGSTOP: a frozen process that still believes what it believed."""
+        self.procs.signal(server_id, signal.SIGSTOP)
+        self.stopped.add(server_id)
+
+    def resume(self, server_id: str) -> None:
+        self.procs.signal(server_id, signal.SIGCONT)
+        self.stopped.discard(server_id)
+
+    def log(self, server_id: str) -> str:
+        return self.procs.log(server_id)
+
+    def close(self) -> None:
+        self.procs.kill_all()
+
+
+@contextlib.contextmanager
+def start_cluster(
+    root: Path, count: int, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Iterator[Cluster]:
+    """Start `count` servers, wait until all serve and agree on the highest-priority coordinator."""
+    cluster = Cluster(root, count, env)
+    try:
+        for server_id in cluster.ids:
+            cluster.start(server_id)
+        for server_id in cluster.ids:
+            cluster.wait_ready(server_id, timeout)
+        cluster.wait_coordinator(cluster.ids[-1], timeout)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+# --- a protocol-level test client ----------------------------------------------------------------
+
+
+class ChatClient:
+    """A blocking JSON-lines client for tests: send dicts, receive dicts with a timeout."""
+
+    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.timeout = timeout
+        self.buffer = b""
+
+    @classmethod
+    def connect(cls, address: tuple[str, int], timeout: float = 5.0) -> ChatClient:
+        return cls(address[0], address[1], timeout)
+
+    def send(self, message: dict) -> None:
+        import json
+
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, timeout: float | None = None) -> dict:
+        """The next message; AssertionError on timeout or closed connection."""
+        import json
+
+        self.sock.settimeout(timeout if timeout is not None else self.timeout)
+        while b"\n" not in self.buffer:
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError("timed out waiting for a message") from None
+            if not chunk:
+                raise AssertionError("connection closed by server")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def expect_nothing(self, within: float = 0.3) -> None:
+        """Assert no message arrives within `within` seconds (used only to check absence)."""
+        import json
+
+        self.sock.settimeout(within)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            return
+        self.buffer += chunk
+        first = self.buffer.split(b"\n")[0]
+        raise AssertionError(f"unexpected data: {json.loads(first) if chunk else 'EOF'}")
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """True once the server has closed the connection (after draining pending messages)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buffer += chunk
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+
+    def login(self, identity: str) -> bool:
+        self.send({"type": "newidentity", "identity": identity})
+        reply = self.recv()
+        assert reply["type"] == "newidentity", reply
+        return reply["approved"] == "true"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
