@@ -1,0 +1,311 @@
+"""One chatmesh server: wires the registry replica, the election, the coordinator service, the chat
+listener and the admin endpoints, and owns their lifetimes.
+
+Threads: the asyncio loop owns all mutable node state. PySyncObj applies commands in its own thread and
+reaches the loop only through `call_soon_threadsafe`; the admin (Flask/waitress) thread reads immutable
+snapshots the loop publishes and steers through `run_coroutine_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bully.runtime import ElectionRuntime
+from bully.transport import Transport
+from cluster.config import ClusterConfig
+from cluster.names import ServerId
+from node.coordinator import (
+    RECONCILE_INTERVAL_S,
+    REQUEST_KIND,
+    STARTUP_GRACE_S,
+    ClusterDirectory,
+    CoordinatorService,
+)
+from registry import state as rs
+from registry.replicated import RegistryUnavailable, ReplicatedRegistry
+
+log = logging.getLogger("chatmesh.node")
+
+# How often the coordinator compares registry membership with the failure detector.
+MEMBERSHIP_INTERVAL_S = 0.1
+# How often the admin snapshot is refreshed (also refreshed on every change).
+SNAPSHOT_INTERVAL_S = 0.25
+# One attempt to commit this server's own "server up"/"server down".
+ANNOUNCE_TIMEOUT_S = 2.0
+# How long a clean stop may spend telling clients and releasing entries.
+SHUTDOWN_TIMEOUT_S = 5.0
+# Admin actions wait this long for the loop.
+ADMIN_ACTION_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    data_dir: Path
+    secret: str
+    admin_token: str | None = None
+    admin_loopback_only: bool = False
+
+
+def new_incarnation() -> int:
+    """Milliseconds since the epoch: every restart of a server gets a larger number than the last."""
+    return time.time_ns() // 1_000_000
+
+
+class Node:
+    def __init__(self, config: ClusterConfig, server_id: str, options: NodeOptions) -> None:
+        self.config = config
+        self.server_id = ServerId(server_id)
+        self.me = config.server(server_id)
+        self.options = options
+        self.incarnation = new_incarnation()
+        self._stop = asyncio.Event()
+        self.serving = False
+        self.started_at = 0.0
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        from node.admin import create_app, serve_admin
+        from node.server import ChatServer
+        from node.status import SnapshotBox
+
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.started_at = loop.time()
+        self.options.data_dir.mkdir(parents=True, exist_ok=True)
+
+        self.registry = ReplicatedRegistry(self.config, self.server_id, self.options.data_dir, self.options.secret)
+        self.registry.add_listener(self._on_applied_threadsafe)
+        self.transport = Transport(self.config, self.server_id, self.options.secret.encode())
+        self.election = ElectionRuntime(
+            self.config,
+            self.server_id,
+            self.transport,
+            can_lead=self._can_lead,
+            incarnation=self.incarnation,
+            on_coordinator_change=self._on_coordinator_change,
+            on_peer_down=self._on_peer_down,
+            on_peer_up=self._on_peer_up,
+        )
+        self.service = CoordinatorService(self.registry, self.election)
+        self.transport.on_request(REQUEST_KIND, self.service.handle)
+        self.directory = ClusterDirectory(
+            self.config, self.server_id, self.incarnation, self.registry, self.election, self.transport, self.service
+        )
+        self.chat = ChatServer(self.server_id, self.directory, self.me.host, self.me.clients_port)
+        self.snapshots = SnapshotBox()
+        admin_server = None
+        self.registry.start()
+        try:
+            await self.transport.start()
+            await self.election.start()
+            await self.chat.start()
+            self.publish_snapshot()
+            app = create_app(
+                self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only
+            )
+            admin_server = serve_admin(app, self.me.host, self.me.admin_port)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._announce())
+                tasks.create_task(self._reconcile_loop())
+                tasks.create_task(self._membership_loop())
+                tasks.create_task(self._snapshot_loop())
+                await self._stop.wait()
+                log.info("%s stopping", self.server_id)
+                await self._shutdown()
+                raise _Stopped
+        except* _Stopped:
+            pass
+        except* OSError as group:
+            for exc in group.exceptions:
+                log.error("%s cannot start: %s", self.server_id, exc)
+            return 1
+        finally:
+            if admin_server is not None:
+                admin_server.close()
+            with contextlib.suppress(Exception):
+                await self.chat.close()
+            with contextlib.suppress(Exception):
+                await self.election.close()
+            with contextlib.suppress(Exception):
+                await self.transport.close()
+            self.registry.close()
+        log.info("%s stopped", self.server_id)
+        return 0
+
+    async def _shutdown(self) -> None:
+        """Clients get their quit roomchange, their entries are released, then the server signs off."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.chat.shutdown(), SHUTDOWN_TIMEOUT_S)
+        with contextlib.suppress(RegistryUnavailable):
+            await self.registry.submit(
+                rs.ServerDown(self.directory.next_request_id(), self.server_id, self.incarnation), ANNOUNCE_TIMEOUT_S
+            )
+
+    async def _announce(self) -> None:
+        """Commit "server up" for this incarnation: a fresh MainHall and nothing stale from a past life."""
+        attempts = 0
+        while not self._stop.is_set():
+            attempts += 1
+            command = rs.ServerUp(self.directory.next_request_id(), self.server_id, self.incarnation)
+            try:
+                result = await self.registry.submit(command, ANNOUNCE_TIMEOUT_S)
+            except RegistryUnavailable as exc:
+                if attempts % 5 == 1:
+                    log.warning("%s waiting for a Raft quorum to announce itself (%s)", self.server_id, exc)
+                continue
+            if result.ok:
+                break
+            log.error("%s could not announce itself: %s", self.server_id, result.reason)
+            await asyncio.sleep(ANNOUNCE_TIMEOUT_S)
+        if self._stop.is_set():
+            return
+        self.serving = True
+        self.publish_snapshot()
+        print(
+            f"chatmesh {self.server_id} ready: clients {self.me.host}:{self.me.clients_port}, "
+            f"admin http://{self.me.host}:{self.me.admin_port}/ (pid {os.getpid()})",
+            flush=True,
+        )
+
+    # -- election and registry callbacks --------------------------------------------------------------
+
+    def _can_lead(self) -> bool:
+        return self.registry.is_ready() and self.registry.has_quorum()
+
+    def _on_coordinator_change(self, coordinator: str | None) -> None:
+        log.info("%s: coordinator is now %s", self.server_id, coordinator)
+        self.directory.coordinator_changed()
+        self.publish_snapshot()
+
+    def _on_peer_down(self, peer: str, incarnation: int) -> None:
+        log.info("%s: %s is down", self.server_id, peer)
+        self.publish_snapshot()
+
+    def _on_peer_up(self, peer: str, incarnation: int) -> None:
+        log.info("%s: %s is up (incarnation %d)", self.server_id, peer, incarnation)
+        self.publish_snapshot()
+
+    def _on_applied_threadsafe(self, command: rs.Command, result: rs.Result) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed during shutdown
+            self.loop.call_soon_threadsafe(self._on_applied, command, result)
+
+    def _on_applied(self, command: rs.Command, result: rs.Result) -> None:
+        if (
+            isinstance(command, rs.ServerDown)
+            and command.server == self.server_id
+            and command.incarnation >= self.incarnation
+            and result.ok
+            and not self._stop.is_set()
+        ):
+            self._fenced()
+        in_doubt = self.directory.take_in_doubt(command.request_id)
+        if in_doubt is not None and result.ok:
+            # The client was already refused: undo what committed after its deadline.
+            log.info("%s: releasing in-doubt %s that committed late", self.server_id, type(in_doubt).__name__)
+            self._spawn(self._undo(in_doubt))
+
+    def _fenced(self) -> None:
+        """The cluster declared this incarnation dead and released its clients: start a new life."""
+        log.warning("%s was declared down by the cluster; disconnecting clients and rejoining", self.server_id)
+        self.incarnation = new_incarnation()
+        self.directory.incarnation = self.incarnation
+        self.election.incarnation = self.incarnation
+        self.serving = False
+        self._spawn(self._rejoin())
+
+    async def _rejoin(self) -> None:
+        await self.chat.disconnect_all()
+        await self._announce()
+
+    async def _undo(self, command: rs.Command) -> None:
+        if isinstance(command, rs.ClaimIdentity | rs.CompleteMove) and command.identity not in set(
+            self.chat.local_identities()
+        ):
+            await self.directory.release_identity(command.identity)
+        elif isinstance(command, rs.CreateRoom):
+            await self.directory.delete_room(command.room_id, command.owner)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = self.loop.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- periodic work --------------------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        """Release registry entries this server holds that match no live session (no orphans)."""
+        suspects: set[tuple[str, str]] = set()
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL_S)
+            if not self.serving:
+                continue
+            commands = self.directory.orphans(self.chat.local_identities(), self.chat.local_room_ids(), time.time())
+            # Act only on what was orphaned in two passes in a row: a claim or room that just committed
+            # has its session registered by then.
+            keys = {(type(c).__name__, getattr(c, "identity", getattr(c, "room_id", ""))) for c in commands}
+            for command, key in zip(commands, keys, strict=False):
+                if key in suspects:
+                    log.info("%s: reconciling orphan %s", self.server_id, key)
+                    await self.directory.request(command)
+            suspects = keys
+
+    async def _membership_loop(self) -> None:
+        """While coordinator: commit "server down" for servers the failure detector sees silent."""
+        while True:
+            await asyncio.sleep(MEMBERSHIP_INTERVAL_S)
+            if not self.election.is_coordinator or self.loop.time() - self.started_at < STARTUP_GRACE_S:
+                continue
+            alive = self.election.servers_up
+            for server, incarnation in self.registry.servers_up().items():
+                if server == self.server_id or server in alive:
+                    continue
+                log.warning("%s: declaring %s down (incarnation %d)", self.server_id, server, incarnation)
+                command = rs.ServerDown(self.directory.next_request_id(), server, incarnation)
+                with contextlib.suppress(RegistryUnavailable):
+                    await self.registry.submit(command, ANNOUNCE_TIMEOUT_S)
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+            self.publish_snapshot()
+
+    def publish_snapshot(self) -> None:
+        from node.snapshot import build_snapshot
+
+        self.snapshots.publish(build_snapshot(self))
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _AdminActions:
+    """Admin writes, run on the node's loop from the admin thread."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def _run(self, coroutine: Any) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.node.loop)
+        return future.result(ADMIN_ACTION_TIMEOUT_S)
+
+    def start_election(self) -> None:
+        self.node.loop.call_soon_threadsafe(self.node.election.start_election)
+
+    def kick(self, identity: str) -> bool:
+        return bool(self._run(self.node.chat.kick(identity)))
+
+    def delete_room(self, room_id: str) -> str:
+        return str(self._run(self.node.chat.operator_delete_room(room_id)))

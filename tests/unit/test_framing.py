@@ -1,0 +1,76 @@
+"""JSON-lines framing (cluster/framing.py), including property tests over arbitrary byte streams."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cluster.framing import FrameError, LineDecoder, LineTooLong, decode_object, encode
+
+
+def test_lines_split_across_chunks_are_reassembled() -> None:
+    decoder = LineDecoder()
+    assert decoder.feed(b'{"a":') == []
+    assert decoder.feed(b'1}\n{"b":2}\n{"c"') == [b'{"a":1}', b'{"b":2}']
+    assert decoder.pending == 4
+
+
+def test_crlf_is_accepted() -> None:
+    assert LineDecoder().feed(b"x\r\n") == [b"x"]
+
+
+def test_line_over_the_limit_is_refused_even_without_newline() -> None:
+    decoder = LineDecoder(max_line_bytes=8)
+    with pytest.raises(LineTooLong):
+        decoder.feed(b"123456789")
+    with pytest.raises(LineTooLong):
+        LineDecoder(max_line_bytes=8).feed(b"123456789\n")
+    assert LineDecoder(max_line_bytes=8).feed(b"12345678\n") == [b"12345678"]
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [(b"\xff\xfe", "UTF-8"), (b"{nope", "JSON"), (b"[1,2]", "object"), (b'"s"', "object"), (b"[" * 100000, "JSON")],
+)
+def test_decode_object_rejects_with_reason(line: bytes, reason: str) -> None:
+    with pytest.raises(FrameError, match=reason):
+        decode_object(line)
+
+
+def test_encode_is_ascii_single_line() -> None:
+    data = encode({"type": "message", "content": "héllo\nworld ☃"})
+    assert data.endswith(b"\n") and data.count(b"\n") == 1
+    data.decode("ascii")
+    assert json.loads(data) == {"type": "message", "content": "héllo\nworld ☃"}
+
+
+@given(st.lists(st.binary(max_size=200), max_size=30))
+def test_any_byte_stream_never_raises_anything_but_line_too_long(chunks: list[bytes]) -> None:
+    decoder = LineDecoder(max_line_bytes=64)
+    try:
+        for chunk in chunks:
+            for line in decoder.feed(chunk):
+                assert len(line) <= 64
+                try:
+                    decode_object(line)
+                except FrameError:
+                    pass
+    except LineTooLong:
+        return
+    assert decoder.pending <= 64
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=5), st.text(max_size=20), max_size=4), max_size=10), st.data())
+def test_encoded_objects_round_trip_through_any_chunking(objects: list[dict[str, str]], data: st.DataObject) -> None:
+    stream = b"".join(encode(o) for o in objects)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    decoder = LineDecoder()
+    out = []
+    previous = 0
+    for cut in [*cuts, len(stream)]:
+        out.extend(decoder.feed(stream[previous:cut]))
+        previous = cut
+    assert [decode_object(line) for line in out] == objects
