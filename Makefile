@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint bench clean
+.PHONY: run test check lint bench clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) run_cluster.py --config configuration.txt
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# The dashboard's browser test needs Debian's chromium; CI (root, CI=true) installs it, elsewhere the test
+# skips with a loud reason when it is missing.
+browser:
+	@if [ "$$CI" = "true" ] && ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium for the browser test"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+			>/dev/null 2>&1 || echo "!!! could not install chromium: the browser test will skip"; \
+	fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

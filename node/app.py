@@ -28,6 +28,7 @@ from node.coordinator import (
     ClusterDirectory,
     CoordinatorService,
 )
+from node.status import EventLog
 from registry import state as rs
 from registry.replicated import RegistryUnavailable, ReplicatedRegistry
 
@@ -69,6 +70,7 @@ class Node:
         self.serving = False
         self.started_at = 0.0
         self._background: set[asyncio.Task[Any]] = set()
+        self.events = EventLog()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -186,15 +188,18 @@ class Node:
 
     def _on_coordinator_change(self, coordinator: str | None) -> None:
         log.info("%s: coordinator is now %s", self.server_id, coordinator)
+        self.events.record(time.time(), f"coordinator is now {coordinator}")
         self.directory.coordinator_changed()
         self.publish_snapshot()
 
     def _on_peer_down(self, peer: str, incarnation: int) -> None:
         log.info("%s: %s is down", self.server_id, peer)
+        self.events.record(time.time(), f"{peer} is down")
         self.publish_snapshot()
 
     def _on_peer_up(self, peer: str, incarnation: int) -> None:
         log.info("%s: %s is up (incarnation %d)", self.server_id, peer, incarnation)
+        self.events.record(time.time(), f"{peer} is up")
         self.publish_snapshot()
 
     def _on_applied_threadsafe(self, command: rs.Command, result: rs.Result) -> None:

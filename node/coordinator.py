@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId, is_mainhall
 from node.directory import Address, RoomInfo
+from node.status import LatencyRecorder
 from registry import state as rs
 from registry.replicated import RegistryUnavailable
 
@@ -180,7 +181,7 @@ class ClusterDirectory:
         self.pending: set[str] = set()  # identities and rooms with a request in flight
         self.approvals = 0
         self.refusals = 0
-        self.latencies: list[float] = []  # recent approval latencies, bounded below
+        self.latency = LatencyRecorder()
 
     @property
     def server_id(self) -> ServerId:
@@ -225,7 +226,7 @@ class ClusterDirectory:
                 continue
             if reply.get("ok") is True:
                 self.approvals += 1
-                self._record_latency(loop.time() - started)
+                self.latency.observe(loop.time() - started)
                 return True
             if reply.get("final"):
                 self.refusals += 1
@@ -237,11 +238,6 @@ class ClusterDirectory:
         self._mark_in_doubt(command)
         log.warning("request %s (%s) in doubt after %.1fs", command.request_id, type(command).__name__, deadline_s)
         return False
-
-    def _record_latency(self, seconds: float) -> None:
-        self.latencies.append(seconds)
-        if len(self.latencies) > 4096:
-            del self.latencies[:2048]
 
     def _mark_in_doubt(self, command: rs.Command) -> None:
         if isinstance(command, rs.ClaimIdentity | rs.CreateRoom | rs.CompleteMove):
