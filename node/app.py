@@ -108,6 +108,7 @@ class Node:
         self.chat = ChatServer(self.server_id, self.directory, self.me.host, self.me.clients_port)
         self.snapshots = SnapshotBox()
         admin_server = None
+        status = 0
         self.registry.start()
         try:
             await self.transport.start()
@@ -118,21 +119,11 @@ class Node:
                 self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only
             )
             admin_server = serve_admin(app, self.me.host, self.me.admin_port)
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._announce())
-                tasks.create_task(self._reconcile_loop())
-                tasks.create_task(self._membership_loop())
-                tasks.create_task(self._snapshot_loop())
-                await self._stop.wait()
-                log.info("%s stopping", self.server_id)
-                await self._shutdown()
-                raise _Stopped
-        except* _Stopped:
-            pass
-        except* OSError as group:
-            for exc in group.exceptions:
-                log.error("%s cannot start: %s", self.server_id, exc)
-            return 1
+            await self._serve()
+        except OSError as exc:
+            log.error("%s cannot start: %s", self.server_id, exc)
+            print(f"chatmesh {self.server_id}: cannot start: {exc}", flush=True)
+            status = 1
         finally:
             if admin_server is not None:
                 admin_server.close()
@@ -144,7 +135,22 @@ class Node:
                 await self.transport.close()
             self.registry.close()
         log.info("%s stopped", self.server_id)
-        return 0
+        return status
+
+    async def _serve(self) -> None:
+        """Run the background duties until a stop is requested, then stop cleanly."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._announce())
+                tasks.create_task(self._reconcile_loop())
+                tasks.create_task(self._membership_loop())
+                tasks.create_task(self._snapshot_loop())
+                await self._stop.wait()
+                log.info("%s stopping", self.server_id)
+                await self._shutdown()
+                raise _Stopped
+        except* _Stopped:
+            pass
 
     async def _shutdown(self) -> None:
         """Clients get their quit roomchange, their entries are released, then the server signs off."""
