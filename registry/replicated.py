@@ -1,0 +1,530 @@
+"""The registry replicated through PySyncObj (Raft): one SyncObj per server, all servers as partners.
+
+Theory of operation
+-------------------
+Each server runs one PySyncObj node on its configured `host:raft_port` (bound there, never on all
+interfaces) with every other server of the configuration as a partner. Cluster membership is fixed by the
+configuration (`dynamicMembershipChange` off). Traffic is encrypted and authenticated with the cluster
+secret (`password`): PySyncObj unpickles what reaches its port, so nothing unauthenticated may.
+
+A command travels: `submit` (asyncio loop) -> PySyncObj's queue -> the Raft leader's log (a follower
+forwards it) -> committed by a majority -> applied in log order on every replica by
+`_RegistryLog.apply`, which runs `RegistryState.apply` under a lock in PySyncObj's tick thread -> the
+submitting server's callback crosses back into its loop (registry/client.py). Reads are served from the
+local replica under the same lock, so they never see a half-applied command.
+
+Roles and what each accepts (PySyncObj's Raft): a follower forwards commands to the leader it knows; a
+candidate or a node with no leader queues them until a leader appears (`commandsWaitLeader`); the leader
+appends and replicates. `has_quorum()` is true on a leader connected to a majority, or on a follower that
+knows a leader and is connected to it; `is_ready()` once the replica is restored and has applied
+everything the leader is known to have committed.
+
+Durability and restarts: term, vote and log are in PySyncObj's journal; at log compaction the whole state
+is written to the full dump and the journal is cut. The journal is always used *together with* the dump: a
+journal alone, after compaction, starts at an index the node cannot apply from, so the node never rebuilds
+its state yet can still win elections (it then leads with nothing applied and every write times out).
+PySyncObj loads the dump in its first tick after binding, before any election timer can fire, so a
+restarted node never leads before its state is restored; `start()` refuses a data directory whose journal
+was compacted but whose dump is missing, and the tick watchdog reports a replica that cannot apply.
+
+Invariants: replicas at the same applied index are identical (`RegistryState` is deterministic); a result
+is reported only after its command committed; every timing lives in `RaftTimings`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.journal import FileJournal
+
+from cluster.config import ClusterConfig
+from registry.client import MAX_IN_FLIGHT, CommitBridge, RegistryUnavailable
+from registry.state import Command, IdentityEntry, RegistryState, Result, RoomEntry
+
+__all__ = [
+    "RaftTimings",
+    "RaftStatus",
+    "RegistryDataError",
+    "RegistryUnavailable",
+    "ReplicatedRegistry",
+    "default_data_dir",
+    "wipe_data_dir",
+]
+
+log = logging.getLogger("chatmesh.registry")
+
+JOURNAL_FILE = "raft.journal"  # PySyncObj adds raft.journal.meta (term, vote, commit index)
+DUMP_FILE = "raft.dump"
+LOCK_FILE = "lock"
+# Commands PySyncObj may queue before refusing with QUEUE_FULL (its default is 100 000).
+MAX_QUEUED_COMMANDS = 10_000
+# Largest append-entries message (PySyncObj: 64 KiB). A registry command pickles to ~120 bytes, so one
+# message covers every command the whole cluster can have in flight (servers x MAX_IN_FLIGHT); see
+# _RewriteFilter for why a message should cover what a follower already has.
+APPEND_ENTRIES_BATCH_BYTES = 1 << 20
+
+
+class _RewriteFilter(logging.Filter):
+    """Demote PySyncObj's "truncating already-applied log entries" to DEBUG, and count it.
+
+    With appendEntriesUseBatch=False the leader sends every command at once; a late acknowledgement then
+    moves the follower's next index back, and the leader re-sends entries the follower already has. The
+    follower deletes them and appends the same entries again (same index and term, so the same entries in
+    Raft), logging this at CRITICAL for every concurrent commit. A real divergence would show as replicas
+    with equal applied-command counts and different states, which the integration tests check."""
+
+    rewrites = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("truncating already-applied log entries"):
+            _RewriteFilter.rewrites += 1
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("pysyncobj.syncobj").isEnabledFor(logging.DEBUG)
+        return True
+
+
+_rewrite_filter = _RewriteFilter()
+logging.getLogger("pysyncobj.syncobj").addFilter(_rewrite_filter)
+
+
+@dataclass(frozen=True, slots=True)
+class RaftTimings:
+    """Every PySyncObj timing in one place. Defaults favour latency on a LAN/loopback.
+
+    PySyncObj's defaults batch appends (every synchronous write waits for the next append-entries tick:
+    ~100 ms on the leader, ~200 ms from a follower), retry connections every 5 s and let a cut-off leader
+    lead for 30 s; these defaults give ~1 ms commits, reconnect a restarted node within 0.5 s and make a
+    leader that lost its majority step down within 2 s."""
+
+    # Send each command to the followers at once instead of once per append-entries period.
+    append_entries_use_batch: bool = False
+    # Leader heartbeat; an election timeout must exceed 3 periods (PySyncObj checks).
+    append_entries_period_s: float = 0.05
+    # A follower that hears no leader for a random time in [min, max] starts an election. Wide enough
+    # that a loaded 2-core test machine does not cause spurious elections, short enough to fail over in ~1 s.
+    raft_min_timeout_s: float = 0.5
+    raft_max_timeout_s: float = 1.0
+    # A connection that delivered nothing for this long is dropped (>= raft_max_timeout_s).
+    connection_timeout_s: float = 2.0
+    # How soon a dropped or refused connection is retried (PySyncObj: 5 s).
+    connection_retry_s: float = 0.5
+    # A leader that heard from no majority for this long steps down (PySyncObj: 30 s).
+    leader_fallback_timeout_s: float = 2.0
+    # Longest sleep of PySyncObj's tick thread between events (timer resolution for the above).
+    auto_tick_period_s: float = 0.05
+    # Binding the Raft port: retry interval and attempts before start() gives up.
+    bind_retry_s: float = 0.2
+    max_bind_retries: int = 25
+    # Default bound for one commit (callers pass their own to submit()).
+    commit_timeout_s: float = 2.0
+    # Compact the log (write the full dump, cut the journal) after this many entries or this long.
+    log_compaction_min_entries: int = 5000
+    log_compaction_min_time_s: float = 300.0
+    # How long close() waits for PySyncObj's thread to stop.
+    close_timeout_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 3 * self.append_entries_period_s < self.raft_min_timeout_s < self.raft_max_timeout_s:
+            raise ValueError("need 3 * append_entries_period_s < raft_min_timeout_s < raft_max_timeout_s")
+        if self.connection_timeout_s < self.raft_max_timeout_s:
+            raise ValueError("connection_timeout_s must be >= raft_max_timeout_s")
+        if self.leader_fallback_timeout_s <= self.append_entries_period_s:
+            raise ValueError("leader_fallback_timeout_s must exceed append_entries_period_s")
+        if self.log_compaction_min_entries < 2 or min(self.commit_timeout_s, self.auto_tick_period_s) <= 0:
+            raise ValueError("log_compaction_min_entries >= 2 and positive periods required")
+
+
+@dataclass(frozen=True, slots=True)
+class RaftStatus:
+    """What this replica knows about Raft, derived from a sample PySyncObj's thread takes after every tick."""
+
+    started: bool = False
+    role: str = "stopped"  # leader | follower | candidate | stopped
+    leader: str | None = None  # server id
+    term: int = 0
+    commit_index: int = 0
+    applied_index: int = 0
+    leader_commit_index: int | None = None
+    partners_connected: tuple[str, ...] = ()
+    quorum: bool = False
+    ready: bool = False
+    stuck: bool = False  # the log starts past what was applied: the state cannot be rebuilt
+
+
+class RegistryDataError(Exception):
+    """The data directory cannot be used safely (another process holds it, or it is inconsistent)."""
+
+
+class RegistryBindError(OSError):
+    """The Raft port could not be bound."""
+
+
+def default_data_dir(config: ClusterConfig, server_id: str, root: Path = Path("data")) -> Path:
+    """`root/<configuration fingerprint>/<server id>`: two clusters from different files never share state."""
+    return root / config.fingerprint() / server_id
+
+
+def wipe_data_dir(data_dir: Path) -> None:
+    """Forget everything a server's registry stored (run_cluster.py --fresh). Only while it is stopped."""
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def journal_first_index(journal_path: Path) -> int | None:
+    """Log index of the first journal entry (1 if never compacted), or None if there is no journal."""
+    if not journal_path.exists() or journal_path.stat().st_size == 0:
+        return None
+    journal = FileJournal(str(journal_path))
+    try:
+        return int(journal[0][1]) if len(journal) else None
+    finally:
+        journal._destroy()
+
+
+class _RegistryLog(SyncObjConsumer):
+    """The replicated part: a RegistryState that PySyncObj applies commands to and dumps/restores.
+
+    Attributes set before `SyncObjConsumer.__init__` are not serialised into the full dump (the lock and
+    the listener hook); those set after are. `applied_commands` counts registry commands applied since the
+    cluster began: replicas with the same count hold the same state (Raft no-ops do not count)."""
+
+    def __init__(self, lock: threading.Lock, on_applied: Callable[[Command, Result], None]) -> None:
+        self._lock = lock
+        self._on_applied = on_applied
+        super().__init__()
+        self.state = RegistryState()
+        self.applied_commands = 0
+
+    @replicated
+    def apply(self, command: Command) -> Result:
+        with self._lock:
+            try:
+                result = self.state.apply(command)
+            except Exception:
+                # Same code, same log, same exception on every replica: refuse instead of wedging the log
+                # (an exception here would stop PySyncObj from ever applying the next entry).
+                log.exception("registry command raised: %r", command)
+                result = Result(False, "internal-error")
+            self.applied_commands += 1
+        self._on_applied(command, result)
+        return result
+
+    def _deserialize(self, data: dict[str, Any]) -> None:
+        with self._lock:
+            super()._deserialize(data)
+        log.info("registry state restored from a full dump: %s", self.state.counts())
+
+
+class ReplicatedRegistry:
+    """One server's replica of the registry and its PySyncObj node. See the module docstring."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        self_id: str,
+        data_dir: Path,
+        password: str,
+        timings: RaftTimings = RaftTimings(),  # noqa: B008 - frozen, shared safely
+        journal: bool = True,
+    ) -> None:
+        if not password:
+            raise ValueError("a cluster secret is required: PySyncObj unpickles whatever reaches its port")
+        self.config = config
+        self.server_id = self_id
+        self.me = config.server(self_id)
+        self.data_dir = Path(data_dir)
+        self.timings = timings
+        self.journal = journal
+        self._password = password
+        self._partners = [s.raft_address for s in config.servers if s.server_id != self_id]
+        self._server_of = {s.raft_address: s.server_id for s in config.servers}
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[Command, Result], None]] = []
+        self._log = _RegistryLog(self._lock, self._notify)
+        self._bridge = CommitBridge(MAX_IN_FLIGHT)
+        self._sync: SyncObj | None = None
+        self._partner_nodes: tuple[Any, ...] = ()
+        self._lock_file: IO[bytes] | None = None
+        # The last tick's (leader, is_leader, term, commit, applied, leader_commit, synced, noop), see _on_tick.
+        self._tick: tuple[Any, bool, int, int, int, int | None, bool, int | None] | None = None
+        self._reported_stuck = False
+        self._closed = False
+
+    # -- files and configuration -------------------------------------------------------------------
+
+    @property
+    def journal_path(self) -> Path:
+        return self.data_dir / JOURNAL_FILE
+
+    @property
+    def dump_path(self) -> Path:
+        return self.data_dir / DUMP_FILE
+
+    def sync_conf(self) -> SyncObjConf:
+        """The PySyncObj configuration this replica runs with (exposed so tests can guard it)."""
+        t = self.timings
+        return SyncObjConf(
+            password=self._password,
+            bindAddress=self.me.raft_address,
+            autoTick=True,
+            autoTickPeriod=t.auto_tick_period_s,
+            appendEntriesUseBatch=t.append_entries_use_batch,
+            appendEntriesPeriod=t.append_entries_period_s,
+            raftMinTimeout=t.raft_min_timeout_s,
+            raftMaxTimeout=t.raft_max_timeout_s,
+            connectionTimeout=t.connection_timeout_s,
+            connectionRetryTime=t.connection_retry_s,
+            leaderFallbackTimeout=t.leader_fallback_timeout_s,
+            bindRetryTime=t.bind_retry_s,
+            maxBindRetries=t.max_bind_retries,
+            logCompactionMinEntries=t.log_compaction_min_entries,
+            logCompactionMinTime=t.log_compaction_min_time_s,
+            appendEntriesBatchSizeBytes=APPEND_ENTRIES_BATCH_BYTES,
+            commandsQueueSize=MAX_QUEUED_COMMANDS,
+            commandsWaitLeader=True,
+            dynamicMembershipChange=False,
+            # Journal and dump go together (module docstring); without a journal, nothing is durable.
+            journalFile=str(self.journal_path) if self.journal else None,
+            fullDumpFile=str(self.dump_path) if self.journal else None,
+        )
+
+    def _check_data_dir(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = open(self.data_dir / LOCK_FILE, "wb")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            raise RegistryDataError(f"{self.data_dir} is in use by another process") from None
+        self._lock_file = lock_file
+        if not self.journal:
+            return
+        first = journal_first_index(self.journal_path)
+        if first is not None and first > 1 and not self.dump_path.exists():
+            self._release_lock_file()
+            raise RegistryDataError(
+                f"{self.journal_path} was compacted (starts at entry {first}) but {self.dump_path} is missing: "
+                "the state cannot be rebuilt; wipe the data directory (run_cluster.py --fresh) to rejoin empty"
+            )
+
+    def _release_lock_file(self) -> None:
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- lifetime ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the data directory, bind the Raft port and start PySyncObj's tick thread.
+
+        Call it from a thread that outlives the registry (the main thread): PySyncObj's thread stops when
+        the thread that created it ends. Raises RegistryDataError or RegistryBindError."""
+        if self._sync is not None or self._closed:
+            raise RuntimeError("start() may be called once")
+        if self.journal:
+            self._check_data_dir()
+        sync = SyncObj(self.me.raft_address, self._partners, self.sync_conf(), consumers=[self._log])
+        self._sync = sync
+        self._partner_nodes = tuple(sync.otherNodes)
+        sync.addOnTickCallback(self._on_tick)
+        try:
+            sync.waitBinded()
+        except Exception:
+            self.close()
+            raise RegistryBindError(f"cannot bind the Raft port {self.me.raft_address}") from None
+        log.info("%s: registry replica on %s, partners %s", self.server_id, self.me.raft_address, self._partners)
+
+    def close(self) -> None:
+        """Stop PySyncObj (its thread flushes and closes the journal) and release the data directory."""
+        if self._closed:
+            return
+        self._closed = True
+        sync = self._sync
+        if sync is not None:
+            sync.destroy()
+            deadline = time.monotonic() + self.timings.close_timeout_s
+            while sync.tick_thread_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._tick = None
+        self._release_lock_file()
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    async def submit(self, command: Command, timeout: float) -> Result:
+        """Commit `command` through Raft and return its result as applied (in log order).
+
+        Raises RegistryUnavailable if no commit within `timeout` seconds or PySyncObj refuses the command;
+        the command may still commit later (in doubt: retry with the same request id)."""
+        sync = self._sync
+        if sync is None:
+            raise RegistryUnavailable("closed" if self._closed else "not-started")
+        log_ = self._log
+
+        def send(callback: Callable[[object, int], None]) -> None:
+            log_.apply(command, callback=callback)
+
+        return await self._bridge.commit(send, timeout)
+
+    @property
+    def in_flight(self) -> int:
+        return self._bridge.in_flight
+
+    # -- listeners -----------------------------------------------------------------------------------------
+
+    def add_listener(self, callback: Callable[[Command, Result], None]) -> None:
+        """`callback(command, result)` after every applied command, in PySyncObj's thread (cross into your
+        own loop yourself). Not called for commands folded into a full dump that a replica restores."""
+        self._listeners.append(callback)
+
+    def _notify(self, command: Command, result: Result) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(command, result)
+            except Exception:
+                log.exception("registry listener failed")
+
+    # -- local reads ---------------------------------------------------------------------------------------
+
+    def identity(self, name: str) -> IdentityEntry | None:
+        with self._lock:
+            return self._log.state.identity(name)
+
+    def room(self, room_id: str) -> RoomEntry | None:
+        with self._lock:
+            return self._log.state.room(room_id)
+
+    def rooms(self) -> list[RoomEntry]:
+        with self._lock:
+            return self._log.state.rooms()
+
+    def identities(self) -> list[IdentityEntry]:
+        with self._lock:
+            return self._log.state.identities()
+
+    def servers_up(self) -> dict[str, int]:
+        with self._lock:
+            return self._log.state.servers_up()
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return self._log.state.counts()
+
+    def applied_commands(self) -> int:
+        """Registry commands applied so far; equal counts mean identical replicas."""
+        with self._lock:
+            return self._log.applied_commands
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole replica (`RegistryState.to_dict()`) and its applied-command count, read atomically."""
+        with self._lock:
+            return {"applied_commands": self._log.applied_commands, "state": self._log.state.to_dict()}
+
+    # -- Raft status ---------------------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self.status().ready
+
+    def has_quorum(self) -> bool:
+        return self.status().quorum
+
+    def status(self) -> RaftStatus:
+        """Derived on demand from the last tick's sample (consistent: taken after that tick's applies)."""
+        sample = self._tick
+        sync = self._sync
+        if sample is None or sync is None or self._closed:
+            return RaftStatus()
+        leader_node, is_leader, term, commit, applied, leader_commit, synced, noop_index = sample
+        # Connection flags are single set lookups, atomic under the GIL, so reading them here is safe.
+        connected = tuple(sorted(self._server_of[n.id] for n in self._partner_nodes if sync.isNodeConnected(n)))
+        if is_leader:
+            role = "leader"
+            quorum = len(connected) + 1 > (len(self._partner_nodes) + 1) / 2
+        else:
+            role = "follower" if leader_node is not None else "candidate"
+            # A follower that lost every connection never times out its leader in PySyncObj (it starts no
+            # election while connected to nobody), so being connected to the leader is what tells.
+            quorum = leader_node is not None and sync.isNodeConnected(leader_node)
+        first = self.log_first_index()
+        stuck = first is not None and first > applied + 1
+        if stuck and not self._reported_stuck:
+            self._reported_stuck = True
+            log.critical(
+                "%s: the Raft log starts at %d but only %d entries are applied: the state cannot be rebuilt",
+                self.server_id,
+                first,
+                applied,
+            )
+        ready = (
+            synced and not stuck and leader_node is not None and leader_commit is not None and applied >= leader_commit
+        )
+        if is_leader:
+            # A new leader knows what is committed only once an entry of its own term is (Raft section 8): its
+            # commit index, restored from the journal's meta file, may lag by up to a second after a restart.
+            ready = ready and noop_index is not None and applied >= noop_index
+        return RaftStatus(
+            started=True,
+            role=role,
+            leader=self._server_of.get(leader_node.id, leader_node.id) if leader_node is not None else None,
+            term=term,
+            commit_index=commit,
+            applied_index=applied,
+            leader_commit_index=leader_commit,
+            partners_connected=connected,
+            quorum=quorum and not stuck,
+            ready=ready,
+            stuck=stuck,
+        )
+
+    def raft_status(self) -> dict[str, Any]:
+        status = self.status()
+        data = asdict(status)
+        data["is_leader"] = status.role == "leader"
+        data["server"] = self.server_id
+        data["in_flight"] = self._bridge.in_flight
+        data["journal"] = self.journal
+        data["log_rewrites"] = _RewriteFilter.rewrites
+        return data
+
+    def force_log_compaction(self) -> None:
+        """Write the full dump and cut the journal at the next tick (tests and operators)."""
+        if self._sync is not None:
+            self._sync.forceLogCompaction()
+
+    def log_first_index(self) -> int | None:
+        """Index of the first entry still in the Raft log (grows after compaction)."""
+        sync = self._sync
+        if sync is None:
+            return None
+        # PySyncObj keeps the log private; this read is in the same (pinned) version as everything else.
+        raft_log = getattr(sync, "_SyncObj__raftLog", None)
+        return int(raft_log[0][1]) if raft_log is not None and len(raft_log) else None
+
+    def _on_tick(self) -> None:
+        """PySyncObj's thread, after each tick applied what was committed: sample what status() derives.
+
+        Kept to a few attribute reads: it runs a couple of times per commit on every node."""
+        sync = self._sync
+        if sync is None:
+            return
+        self._tick = (
+            sync._getLeader(),
+            sync._isLeader(),
+            sync.raftCurrentTerm,
+            sync.raftCommitIndex,
+            sync.raftLastApplied,
+            # PySyncObj keeps the leader's commit index private (pinned version, as everything else here).
+            getattr(sync, "_SyncObj__leaderCommitIndex", None),
+            sync.isReady(),
+            getattr(sync, "_SyncObj__noopIDx", None),
+        )
