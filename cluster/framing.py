@@ -14,7 +14,14 @@ MAX_LINE_BYTES = 64 * 1024
 
 
 class LineTooLong(Exception):
-    """A peer sent more than the line limit without a newline."""
+    """A peer sent more than the line limit without a newline.
+
+    `lines` holds the complete lines that arrived before the over-long one, so none is lost.
+    """
+
+    def __init__(self, message: str, lines: list[bytes] | None = None) -> None:
+        super().__init__(message)
+        self.lines = lines or []
 
 
 class FrameError(Exception):
@@ -39,7 +46,7 @@ class LineDecoder:
             if end < 0:
                 break
             if end - start > self.max_line_bytes:
-                raise LineTooLong(f"line of {end - start} bytes exceeds {self.max_line_bytes}")
+                raise LineTooLong(f"line of {end - start} bytes exceeds {self.max_line_bytes}", lines)
             line = bytes(self._buffer[start:end])
             if line.endswith(b"\r"):
                 line = line[:-1]
@@ -47,7 +54,7 @@ class LineDecoder:
             start = end + 1
         del self._buffer[:start]
         if len(self._buffer) > self.max_line_bytes:
-            raise LineTooLong(f"more than {self.max_line_bytes} bytes without a newline")
+            raise LineTooLong(f"more than {self.max_line_bytes} bytes without a newline", lines)
         return lines
 
     @property
@@ -63,7 +70,7 @@ def decode_object(line: bytes) -> dict[str, Any]:
         raise FrameError("line is not valid UTF-8") from exc
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, and ints longer than Python allows
         raise FrameError("line is not valid JSON") from exc
     if not isinstance(value, dict):
         raise FrameError("line is not a JSON object")

@@ -28,6 +28,7 @@ from node.coordinator import (
     ClusterDirectory,
     CoordinatorService,
 )
+from node.limits import Limits
 from node.status import EventLog
 from registry import state as rs
 from registry.replicated import RegistryUnavailable, ReplicatedRegistry
@@ -105,7 +106,9 @@ class Node:
         self.directory = ClusterDirectory(
             self.config, self.server_id, self.incarnation, self.registry, self.election, self.transport, self.service
         )
-        self.chat = ChatServer(self.server_id, self.directory, self.me.host, self.me.clients_port)
+        self.chat = ChatServer(
+            self.server_id, self.directory, self.me.host, self.me.clients_port, Limits.from_env(os.environ)
+        )
         self.snapshots = SnapshotBox()
         admin_server = None
         status = 0

@@ -34,7 +34,7 @@ def test_line_over_the_limit_is_refused_even_without_newline() -> None:
 
 @pytest.mark.parametrize(
     ("line", "reason"),
-    [(b"\xff\xfe", "UTF-8"), (b"{nope", "JSON"), (b"[1,2]", "object"), (b'"s"', "object"), (b"[" * 100000, "JSON")],
+    [(b"\xff\xfe", "UTF-8"), (b"{nope", "JSON"), (b"[1,2]", "object"), (b'"s"', "object"), (b"[" * 100000, "JSON"), (b"1" * 5000, "JSON")],
 )
 def test_decode_object_rejects_with_reason(line: bytes, reason: str) -> None:
     with pytest.raises(FrameError, match=reason):
@@ -73,3 +73,9 @@ def test_encoded_objects_round_trip_through_any_chunking(objects: list[dict[str,
         out.extend(decoder.feed(stream[previous:cut]))
         previous = cut
     assert [decode_object(line) for line in out] == objects
+
+
+def test_lines_before_an_over_long_line_are_kept() -> None:
+    with pytest.raises(LineTooLong) as info:
+        LineDecoder(max_line_bytes=8).feed(b"ok\nfine\n123456789\n")
+    assert info.value.lines == [b"ok", b"fine"]
