@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"run_cluster: {exc}", file=sys.stderr)
         return 2
-    ids = list(config.ids)
+    ids: list[str] = list(config.ids)
     if args.only:
         wanted = [i.strip() for i in args.only.split(",") if i.strip()]
         unknown = [i for i in wanted if i not in config]

@@ -20,7 +20,7 @@ from typing import Any
 from bully.runtime import ElectionRuntime
 from bully.transport import Transport
 from cluster.config import ClusterConfig
-from cluster.names import ServerId
+from cluster.names import Identity, RoomId, ServerId
 from node.coordinator import (
     RECONCILE_INTERVAL_S,
     REQUEST_KIND,
@@ -247,9 +247,9 @@ class Node:
         if isinstance(command, rs.ClaimIdentity | rs.CompleteMove) and command.identity not in set(
             self.chat.local_identities()
         ):
-            await self.directory.release_identity(command.identity)
+            await self.directory.release_identity(Identity(command.identity))
         elif isinstance(command, rs.CreateRoom):
-            await self.directory.delete_room(command.room_id, command.owner)
+            await self.directory.delete_room(RoomId(command.room_id), Identity(command.owner))
 
     def _spawn(self, coroutine: Any) -> None:
         task = self.loop.create_task(coroutine)
