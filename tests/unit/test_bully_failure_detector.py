@@ -1,0 +1,136 @@
+"""The heartbeat failure detector, one test per rule; time is moved by hand."""
+
+from __future__ import annotations
+
+from bully.failure_detector import FailureDetector, PeerDown, PeerUp
+
+PERIOD = 0.1
+T1 = 0.75
+
+
+def detector() -> FailureDetector:
+    return FailureDetector(["s2", "s3"], PERIOD, T1)
+
+
+def beat(fd: FailureDetector, peer: str, incarnation: int, start: float, until: float) -> float:
+    """Heartbeats from `peer` every PERIOD in [start, until); returns the time of the last one."""
+    now = start
+    last = start
+    while now < until:
+        fd.heard(peer, incarnation, now)
+        fd.check(now)
+        last = now
+        now += PERIOD
+    return last
+
+
+def tick(fd: FailureDetector, start: float, until: float) -> list[PeerDown | PeerUp]:
+    """Consult the detector every PERIOD from `start` through `until`, as the runtime's timer does."""
+    events: list[PeerDown | PeerUp] = []
+    now = start
+    while now < until:
+        events += fd.check(now)
+        now += PERIOD
+    return events + fd.check(until)
+
+
+def test_a_peer_is_up_from_its_first_heartbeat() -> None:
+    fd = detector()
+    assert fd.up() == set()
+    fd.heard("s2", 7, 1.0)
+    assert fd.check(1.0) == [PeerUp("s2", 7)]
+    assert fd.up() == {"s2"}
+
+
+def test_a_peer_never_heard_is_never_reported() -> None:
+    fd = detector()
+    assert fd.check(100.0) == []
+    assert fd.next_deadline() is None
+
+
+def test_regular_heartbeats_keep_a_peer_up() -> None:
+    fd = detector()
+    fd.heard("s2", 1, 0.0)
+    fd.check(0.0)
+    last = beat(fd, "s2", 1, 0.0, 5.0)
+    assert fd.check(last + T1 - 0.01) == []
+    assert fd.up() == {"s2"}
+
+
+def test_a_peer_silent_for_t1_is_declared_down_with_its_last_incarnation() -> None:
+    fd = detector()
+    last = beat(fd, "s2", 4, 0.0, 1.0)
+    deadline = fd.next_deadline()
+    assert deadline is not None and deadline <= last + T1  # possibly early: never late
+    assert tick(fd, last, last + T1 - 0.01) == []
+    assert fd.check(last + T1) == [PeerDown("s2", 4)]
+    assert fd.up() == set()
+
+
+def test_a_few_missed_heartbeats_are_not_a_failure() -> None:
+    fd = detector()
+    last = beat(fd, "s2", 1, 0.0, 1.0)
+    for missed in range(1, 7):
+        assert fd.check(last + missed * PERIOD) == []  # six in a row lost or late
+    assert fd.up() == {"s2"}
+
+
+def test_a_down_peer_heard_again_is_up() -> None:
+    fd = detector()
+    fd.heard("s2", 1, 0.0)
+    fd.check(0.0)
+    assert tick(fd, 0.0, T1) == [PeerDown("s2", 1)]
+    fd.heard("s2", 1, 2.0)
+    assert fd.check(2.0) == [PeerUp("s2", 1)]
+
+
+def test_a_new_incarnation_reports_the_old_life_down_and_the_new_one_up() -> None:
+    fd = detector()
+    fd.heard("s2", 1, 0.0)
+    fd.check(0.0)
+    fd.heard("s2", 2, 0.2)
+    assert fd.check(0.2) == [PeerDown("s2", 1), PeerUp("s2", 2)]
+    assert fd.incarnations() == {"s2": 2}
+
+
+def test_a_heartbeat_of_an_earlier_life_is_ignored() -> None:
+    fd = detector()
+    fd.heard("s2", 5, 0.0)
+    fd.check(0.0)
+    tick(fd, 0.0, 0.7)
+    fd.heard("s2", 4, 0.7)
+    assert tick(fd, 0.7, T1) == [PeerDown("s2", 5)]
+
+
+def test_our_own_stall_gives_every_peer_a_fresh_window() -> None:
+    fd = detector()
+    fd.heard("s2", 1, 0.0)
+    fd.heard("s3", 1, 0.0)
+    fd.check(0.0)
+    # Nothing ran for 5 s (SIGSTOP, starved loop): silence proves nothing about the peers.
+    assert fd.check(5.0) == []
+    assert fd.up() == {"s2", "s3"}
+    fd.heard("s2", 1, 5.05)
+    assert tick(fd, 5.0, 5.0 + T1) == [PeerDown("s3", 1)]
+
+
+def test_events_are_reported_in_peer_order() -> None:
+    fd = FailureDetector(["s3", "s2", "s4"], PERIOD, T1)
+    for peer in ("s4", "s2", "s3"):
+        fd.heard(peer, 1, 0.0)
+    fd.check(0.0)
+    assert [e.peer for e in tick(fd, 0.0, T1)] == ["s2", "s3", "s4"]
+
+
+def test_pending_events_make_the_deadline_immediate() -> None:
+    fd = detector()
+    fd.heard("s2", 1, 0.0)
+    assert fd.next_deadline() == float("-inf")
+    fd.check(0.0)
+    assert fd.next_deadline() == T1
+
+
+def test_unknown_peers_are_ignored() -> None:
+    fd = detector()
+    fd.heard("s9", 1, 0.0)
+    assert fd.check(0.0) == [] and fd.up() == set()
