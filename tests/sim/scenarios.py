@@ -2,7 +2,7 @@
 
 Settle bounds (stated here, checked at every step by the harness; derived from `ElectionTimings`):
 - `failover_bound`: after the coordinator crashes, T1 to detect, plus a heartbeat of phase, plus the holdoff,
-  plus one election (T2) with up to k nominees (k*T3), plus a margin for network delay. 1.85 s by default.
+  plus one election (T2) with up to k nominees (k*T3), plus a margin for network delay. 1.90 s by default.
 - `general_bound`: after any disruption without message loss (start-up, recovery, partition, heal, pause):
   T1 + T2 + T4 + T2 + k*T3, the longest chain of timeouts one disruption can set off (an answerer's T4
   expiring into a fresh election). 3.20 s by default.
