@@ -34,7 +34,14 @@ def test_line_over_the_limit_is_refused_even_without_newline() -> None:
 
 @pytest.mark.parametrize(
     ("line", "reason"),
-    [(b"\xff\xfe", "UTF-8"), (b"{nope", "JSON"), (b"[1,2]", "object"), (b'"s"', "object"), (b"[" * 100000, "JSON"), (b"1" * 5000, "JSON")],
+    [
+        (b"\xff\xfe", "UTF-8"),
+        (b"{nope", "JSON"),
+        (b"[1,2]", "object"),
+        (b'"s"', "object"),
+        (b"[" * 100000, "JSON"),
+        (b"1" * 5000, "JSON"),
+    ],
 )
 def test_decode_object_rejects_with_reason(line: bytes, reason: str) -> None:
     with pytest.raises(FrameError, match=reason):
