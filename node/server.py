@@ -453,7 +453,9 @@ class ChatServer:
     def _apply_batch(self, effects: list[Effect]) -> None:
         conns = self._conns
         limit = self.limits.max_pending_output_bytes
+        release: asyncio.Task[None] | None = None  # spawned by the effect just before this one
         for effect in effects:
+            releasing, release = release, None
             if type(effect) is Broadcast:
                 data = encode(effect.message)
                 size = len(data)
@@ -480,13 +482,18 @@ class ChatServer:
             elif type(effect) is Close:
                 to_close = conns.get(effect.conn)
                 if to_close is not None:
-                    self._forget(to_close, abort=False)
+                    if releasing is not None and not releasing.done():
+                        # A quit (protocol.md): release I in the registry, then close, so that a client
+                        # logging in again elsewhere right after its quit finds its name free.
+                        releasing.add_done_callback(lambda _t, c=to_close: self._forget(c, abort=False))
+                    else:
+                        self._forget(to_close, abort=False)
             elif type(effect) is LimitExceeded:
                 limited = conns.get(effect.conn)
                 if limited is not None:
                     self._violation(limited, "queue", effect.reason)
             elif type(effect) is ReleaseIdentity:
-                self._spawn_release(effect.identity)
+                release = self._spawn_release(effect.identity)
             elif type(effect) is ReleaseRoom:
                 self._spawn(self._release_room(effect))
             else:
@@ -567,13 +574,14 @@ class ChatServer:
 
     # -- cluster requests --------------------------------------------------------------------------------------
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    def _spawn_release(self, identity: Identity) -> None:
-        self._spawn(self._release_identity(identity))
+    def _spawn_release(self, identity: Identity) -> asyncio.Task[None]:
+        return self._spawn(self._release_identity(identity))
 
     async def _bounded(self, what: str, call: Coroutine[Any, Any, bool]) -> bool:
         """A directory answer within the timeout; False on timeout or error (never raises)."""
