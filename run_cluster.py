@@ -77,9 +77,9 @@ class Supervisor:
                 "--id", server_id,
                 "--data-dir", str(self.data_root / server_id),
             ]  # fmt: skip
-            proc = subprocess.Popen(
-                args, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            # Same process group as the supervisor: Ctrl-C reaches every server, and killing the group
+            # (as a test or an init system does) leaves no orphan behind.
+            proc = subprocess.Popen(args, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             self.procs[server_id] = proc
             prefix = f"[{server_id:<{self.width}}]"
             threading.Thread(target=_pump, args=(prefix, proc.stdout), daemon=True).start()
@@ -127,13 +127,13 @@ class Supervisor:
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.terminate()
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
 
 

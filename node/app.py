@@ -197,7 +197,9 @@ class Node:
 
     def _on_coordinator_change(self, coordinator: str | None) -> None:
         log.info("%s: coordinator is now %s", self.server_id, coordinator)
-        self.events.record(time.time(), f"coordinator is now {coordinator}")
+        self.events.record(
+            time.time(), f"coordinator is now {coordinator}" if coordinator else "coordinator lost: electing"
+        )
         self.directory.coordinator_changed()
         self.publish_snapshot()
 
@@ -276,15 +278,40 @@ class Node:
             suspects = keys
 
     async def _membership_loop(self) -> None:
-        """While coordinator: commit "server down" for servers the failure detector sees silent."""
+        """While coordinator: commit "server down" for servers the failure detector sees silent.
+
+        Only while its replica has a Raft quorum and its failure detector has heard a majority of the
+        configuration for the last STARTUP_GRACE_S: a coordinator cut off on a minority side sees everyone
+        else silent, and a declaration it queued would commit once the partition heals and fence the healthy
+        majority (and, just after healing, its links are still reconnecting). An incarnation the failure
+        detector has never heard (a server that has just re-announced itself) also gets STARTUP_GRACE_S
+        before it can be declared down.
+        """
+        majority = len(self.config.ids) // 2 + 1
+        majority_since: float | None = None
+        unheard_since: dict[tuple[str, int], float] = {}
         while True:
             await asyncio.sleep(MEMBERSHIP_INTERVAL_S)
-            if not self.election.is_coordinator or self.loop.time() - self.started_at < STARTUP_GRACE_S:
-                continue
+            now = self.loop.time()
             alive = self.election.servers_up
-            for server, incarnation in self.registry.servers_up().items():
+            if len(alive) < majority:
+                majority_since = None
+            elif majority_since is None:
+                majority_since = now
+            if not self.election.is_coordinator or now - self.started_at < STARTUP_GRACE_S:
+                continue
+            if majority_since is None or now - majority_since < STARTUP_GRACE_S or not self.registry.has_quorum():
+                continue
+            heard = self.election.peer_incarnations
+            registered = self.registry.servers_up()
+            unheard_since = {key: t for key, t in unheard_since.items() if registered.get(key[0]) == key[1]}
+            for server, incarnation in registered.items():
                 if server == self.server_id or server in alive:
                     continue
+                if heard.get(server, -1) < incarnation:
+                    first = unheard_since.setdefault((server, incarnation), now)
+                    if now - first < STARTUP_GRACE_S:
+                        continue
                 log.warning("%s: declaring %s down (incarnation %d)", self.server_id, server, incarnation)
                 command = rs.ServerDown(self.directory.next_request_id(), server, incarnation)
                 with contextlib.suppress(RegistryUnavailable):
