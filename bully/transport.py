@@ -62,7 +62,10 @@ MAX_QUEUE_AGE_S = 2.0
 MAX_CLOCK_SKEW_S = 30.0
 MAX_BUFFERED_BYTES = 1 << 20
 MAX_HANDLERS_PER_CONNECTION = 1024
-MAX_INCOMING_CONNECTIONS = 64
+# Handshakes in progress at once; past this the oldest is dropped, so strangers holding idle connections
+# cannot lock a real peer (whose handshake takes milliseconds) out of the port.
+MAX_PENDING_HANDSHAKES = 64
+MAX_SEEN_HELLOS = 4096
 READ_CHUNK_BYTES = 1 << 16
 COMPLAINT_INTERVAL_S = 10.0
 MAX_COMPLAINT_KEYS = 256
@@ -279,7 +282,10 @@ class Transport:
         self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._request_ids = itertools.count(1)
         self._incoming: dict[str, _Channel] = {}
-        self._accepting: set[asyncio.StreamWriter] = set()
+        # Insertion-ordered: the oldest pending handshake is the first evicted.
+        self._accepting: dict[asyncio.StreamWriter, None] = {}
+        # Hello nonces accepted within the clock-skew window: a replayed hello is refused.
+        self._seen_hellos: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._closing = False
@@ -505,10 +511,15 @@ class Transport:
     async def _on_incoming(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         address = peername[0] if isinstance(peername, tuple) and peername else str(peername)
-        if self._closing or len(self._accepting) + len(self._incoming) >= MAX_INCOMING_CONNECTIONS:
+        if self._closing:
             writer.close()
             return
-        self._accepting.add(writer)
+        while len(self._accepting) >= MAX_PENDING_HANDSHAKES:
+            oldest = next(iter(self._accepting))
+            del self._accepting[oldest]
+            oldest.close()
+            self.complain("handshakes", "too many pending handshakes: dropping the oldest")
+        self._accepting[writer] = None
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)  # so close() cancels it
@@ -520,7 +531,7 @@ class Transport:
                 self.complain(f"hello:{address}", f"rejected a connection from {address}: {exc or type(exc).__name__}")
                 return
             finally:
-                self._accepting.discard(writer)
+                self._accepting.pop(writer, None)
             link = self._links.get(channel.peer)
             if link is not None and link.channel is None:
                 link.wake.set()  # it is up: no need to wait out our backoff towards it
@@ -539,6 +550,17 @@ class Transport:
             if task is not None:
                 self._tasks.discard(task)
 
+    def _remember_hello(self, nonce: str) -> None:
+        """Refuse a hello seen before: a replayed one would otherwise replace the peer's live channel."""
+        now = time.time()
+        seen = self._seen_hellos
+        # Insertion order is time order: drop from the front what fell out of the freshness window.
+        while seen and (next(iter(seen.values())) < now - MAX_CLOCK_SKEW_S or len(seen) > MAX_SEEN_HELLOS):
+            del seen[next(iter(seen))]
+        if nonce in seen:
+            raise AuthError("replayed hello")
+        seen[nonce] = now
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Channel:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             decoder = LineDecoder(MAX_LINE_BYTES)
@@ -554,6 +576,7 @@ class Transport:
                 or not _fresh(hello.get("ts"))
             ):
                 raise AuthError("bad hello")
+            self._remember_hello(hello["nonce"])
             nonce = secrets.token_hex(16)
             reply = {"t": "hello", "from": self.self_id, "to": peer, "nonce": nonce, "echo": hello["nonce"]}
             reply["ts"] = time.time()

@@ -240,6 +240,14 @@ class MalformedMessage(Exception):
     """A server message of a known type whose fields are missing or of the wrong type."""
 
 
+def printable(text: str) -> str:
+    """`text` safe for a terminal: other users' control characters (ANSI escapes, newlines, carriage
+    returns) are shown escaped, so nobody can fake lines or repaint the screen."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _string(message: dict[str, Any], key: str) -> str:
     value = message.get(key)
     if not isinstance(value, str):

@@ -39,6 +39,7 @@ from client.core import (
     Show,
     is_approved,
     parse_command,
+    printable,
 )
 
 EVENT_QUEUE_BOUND = 256
@@ -321,9 +322,9 @@ class ClientShell:
                 case Send(message):
                     await self._send(message)
                 case Show(line):
-                    self.output.show(line)
+                    self.output.show(printable(line))
                 case Hint(line):
-                    self.output.hint(line)
+                    self.output.hint(printable(line))
                 case FollowRoute():
                     self._spawn(self._follow_route(effect))
                 case AdoptRoute():

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from cluster.config import ConfigError, load_config
+from node.limits import Limits
 
 SECRET_ENV = "CHATMESH_SECRET"
 ADMIN_TOKEN_ENV = "CHATMESH_ADMIN_TOKEN"
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             raise StartupError(f"server id {args.id!r} is not in {args.config} (known: {', '.join(config.ids)})")
         secret = read_secret(SECRET_ENV, args.cluster_secret_file, "cluster secret", required=True)
         token = read_secret(ADMIN_TOKEN_ENV, args.admin_token_file, "admin token", required=False)
-    except (ConfigError, StartupError) as exc:
+        limits = Limits.from_env(os.environ)
+    except (ConfigError, StartupError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2
     assert secret is not None
@@ -76,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(config, args.id)
     options = NodeOptions(
-        data_dir=data_dir, secret=secret, admin_token=token, admin_loopback_only=args.admin_loopback_only
+        data_dir=data_dir,
+        secret=secret,
+        admin_token=token,
+        admin_loopback_only=args.admin_loopback_only,
+        limits=limits,
     )
     node = Node(config, args.id, options)
 

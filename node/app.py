@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class NodeOptions:
     secret: str
     admin_token: str | None = None
     admin_loopback_only: bool = False
+    limits: Limits = field(default_factory=Limits)
 
 
 def new_incarnation() -> int:
@@ -107,7 +108,7 @@ class Node:
             self.config, self.server_id, self.incarnation, self.registry, self.election, self.transport, self.service
         )
         self.chat = ChatServer(
-            self.server_id, self.directory, self.me.host, self.me.clients_port, Limits.from_env(os.environ)
+            self.server_id, self.directory, self.me.host, self.me.clients_port, self.options.limits
         )
         self.snapshots = SnapshotBox()
         admin_server = None
@@ -270,8 +271,9 @@ class Node:
             commands = self.directory.orphans(self.chat.local_identities(), self.chat.local_room_ids(), time.time())
             # Act only on what was orphaned in two passes in a row: a claim or room that just committed
             # has its session registered by then.
-            keys = {(type(c).__name__, getattr(c, "identity", getattr(c, "room_id", ""))) for c in commands}
-            for command, key in zip(commands, keys, strict=False):
+            keyed = [(c, (type(c).__name__, getattr(c, "identity", getattr(c, "room_id", "")))) for c in commands]
+            keys = {key for _, key in keyed}
+            for command, key in keyed:  # each command with its own key (a set has no order to zip with)
                 if key in suspects:
                     log.info("%s: reconciling orphan %s", self.server_id, key)
                     await self.directory.request(command)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -185,10 +186,11 @@ def test_a_process_without_the_secret_is_rejected(tmp_path: Path) -> None:
 async def handshake(host: str, port: int, me: str, peer: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
     """Complete a legitimate handshake by hand (a peer that knows the secret, or a recording of one)."""
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(seal(SECRET, {"t": "hello", "from": me, "to": peer, "nonce": "aa" * 16, "ts": time.time()}))
+    nonce = secrets.token_hex(16)  # fresh, as a real peer's: a repeated hello is refused as a replay
+    writer.write(seal(SECRET, {"t": "hello", "from": me, "to": peer, "nonce": nonce, "ts": time.time()}))
     line = await reader.readline()
     hello = unseal(SECRET, line.rstrip(b"\n"))
-    return reader, writer, "aa" * 16 + hello["nonce"]
+    return reader, writer, nonce + hello["nonce"]
 
 
 async def closed_by_peer(reader: asyncio.StreamReader) -> bool:

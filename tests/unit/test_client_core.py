@@ -517,3 +517,13 @@ def test_being_quit_by_the_server_ends_the_session() -> None:
     core = logged_in()
     effects = core.receive(rc("Adel", "MainHall-s1", ""))
     assert shown(effects) == ["Adel has quit!"] and exits(effects) == [EXIT_OK]
+
+
+def test_printable_escapes_other_users_control_characters() -> None:
+    from client.core import printable
+
+    assert printable("bob: hi") == "bob: hi"
+    assert printable("héllo ☃") == "héllo ☃"
+    assert printable("x\nalice: fake") == "x\\nalice: fake"
+    assert printable("\x1b[2Jgone") == "\\x1b[2Jgone"
+    assert printable("a\rb\x07") == "a\\rb\\x07"

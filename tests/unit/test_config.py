@@ -114,3 +114,14 @@ def test_node_exits_2_for_unknown_server_id() -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "'zz' is not in" in proc.stderr
+
+
+def test_node_exits_2_for_a_bad_limit_variable() -> None:
+    env = {"CHATMESH_SECRET": "x", "PATH": "/usr/bin", "CHATMESH_LIMIT_MAX_CLEINTS": "5"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "node", "--config", str(REPO / "configuration.txt"), "--id", "s1"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "CHATMESH_LIMIT_MAX_CLEINTS: unknown limit" in proc.stderr
+    assert "Traceback" not in proc.stderr
