@@ -541,6 +541,10 @@ class Transport:
             self._incoming[channel.peer] = channel
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 await channel.read_frames(self._on_frame)
+        except asyncio.CancelledError:
+            # close() cancels this server-callback task; ending it normally keeps asyncio's stream
+            # protocol from logging the cancellation as an error (Python 3.11).
+            pass
         finally:
             if channel is not None:
                 channel.close()
