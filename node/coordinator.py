@@ -136,7 +136,9 @@ class CoordinatorService:
                 return "taken"
         return None
 
-    async def handle(self, sender: str, message: dict[str, Any]) -> dict[str, Any]:
+    async def handle(
+        self, sender: str, message: dict[str, Any], commit_timeout_s: float = COMMIT_TIMEOUT_S
+    ) -> dict[str, Any]:
         if not self.election.is_coordinator:
             return {"ok": False, "reason": "not-coordinator", "coordinator": self.election.coordinator}
         try:
@@ -148,7 +150,7 @@ class CoordinatorService:
         if reason is not None:
             return {"ok": False, "reason": reason, "final": True}
         try:
-            result = await self.registry.submit(command, COMMIT_TIMEOUT_S)
+            result = await self.registry.submit(command, commit_timeout_s)
         except RegistryUnavailable as exc:
             return {"ok": False, "reason": f"unavailable: {exc}"}
         return {"ok": result.ok, "reason": result.reason, "final": True}
@@ -176,7 +178,7 @@ class ClusterDirectory:
         self.service = service
         self._ids = itertools.count()
         self._id_prefix = f"{self_id}.{incarnation}.{os.getpid()}"
-        self._coordinator_changed = asyncio.Event()
+        self._change: asyncio.Future[None] | None = None
         self.in_doubt: dict[str, rs.Command] = {}
         self.pending: set[str] = set()  # identities and rooms with a request in flight
         self.approvals = 0
@@ -191,13 +193,43 @@ class ClusterDirectory:
         return f"{self._id_prefix}.{next(self._ids)}"
 
     def coordinator_changed(self) -> None:
-        """Called on the loop when the election runtime reports a new coordinator."""
-        self._coordinator_changed.set()
+        """Called on the loop when the election runtime reports a new coordinator: wakes every waiter."""
+        change, self._change = self._change, None
+        if change is not None and not change.done():
+            change.set_result(None)
+
+    def _next_change(self) -> asyncio.Future[None]:
+        """A future resolved at the next coordinator change (one per change, shared by all waiters)."""
+        if self._change is None:
+            self._change = asyncio.get_running_loop().create_future()
+        return self._change
 
     async def _wait_coordinator_change(self, timeout: float) -> None:
-        self._coordinator_changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._coordinator_changed.wait(), timeout)
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._next_change()), timeout)
+
+    async def _ask(self, coordinator: str, wire: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """The coordinator's reply, or None when another coordinator took over before it answered (the
+        caller then retries there with the same request id)."""
+        if coordinator == self._server_id:
+            return await self.service.handle(self._server_id, wire, commit_timeout_s=min(COMMIT_TIMEOUT_S, timeout))
+        asking = asyncio.ensure_future(
+            self.transport.request(coordinator, wire, timeout=min(timeout, PEER_REQUEST_TIMEOUT_S))
+        )
+        try:
+            while True:
+                waiters: set[asyncio.Future[Any]] = {asking, self._next_change()}
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if asking.done():
+                    return asking.result()
+                if self.election.coordinator != coordinator:
+                    return None
+        finally:
+            if not asking.done():
+                asking.cancel()
+                with contextlib.suppress(BaseException):
+                    await asking
 
     async def request(self, command: rs.Command, deadline_s: float = REQUEST_DEADLINE_S) -> bool:
         """Run `command` at the coordinator until it gives a final answer or the deadline passes."""
@@ -205,25 +237,18 @@ class ClusterDirectory:
         started = loop.time()
         deadline = started + deadline_s
         wire = {"kind": REQUEST_KIND, "command": command_to_wire(command)}
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
+        while (remaining := deadline - loop.time()) > 0:
             coordinator = self.election.coordinator
             if coordinator is None:
                 await self._wait_coordinator_change(min(remaining, 0.5))
                 continue
             try:
-                if coordinator == self._server_id:
-                    reply = await self.service.handle(self._server_id, wire)
-                else:
-                    reply = await self.transport.request(
-                        coordinator, wire, timeout=min(remaining, PEER_REQUEST_TIMEOUT_S)
-                    )
+                reply = await self._ask(coordinator, wire, remaining)
             except Exception as exc:  # RequestFailed, timeouts: the coordinator may be gone
                 log.debug("request %s to %s failed: %s", command.request_id, coordinator, exc)
-                await self._wait_coordinator_change(min(max(deadline - loop.time(), 0), RETRY_PAUSE_S))
-                continue
+                reply = {"ok": False, "reason": "unreachable"}
+            if reply is None:
+                continue  # a new coordinator: ask it at once
             if reply.get("ok") is True:
                 self.approvals += 1
                 self.latency.observe(loop.time() - started)
@@ -231,9 +256,9 @@ class ClusterDirectory:
             if reply.get("final"):
                 self.refusals += 1
                 return False
-            if reply.get("reason") == "not-coordinator":
-                await self._wait_coordinator_change(min(max(deadline - loop.time(), 0), RETRY_PAUSE_S))
-            # "unavailable" (no quorum, leader change): retry with the same request id.
+            # Not (or no longer) the coordinator, unreachable, or no quorum: retry with the same request id
+            # (idempotent) after a short pause, sooner if the coordinator changes.
+            await self._wait_coordinator_change(min(deadline - loop.time(), RETRY_PAUSE_S))
         self.refusals += 1
         self._mark_in_doubt(command)
         log.warning("request %s (%s) in doubt after %.1fs", command.request_id, type(command).__name__, deadline_s)

@@ -24,6 +24,7 @@ replaced, never mutated).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import types
@@ -485,7 +486,7 @@ class ChatServer:
                     if releasing is not None and not releasing.done():
                         # A quit (protocol.md): release I in the registry, then close, so that a client
                         # logging in again elsewhere right after its quit finds its name free.
-                        releasing.add_done_callback(lambda _t, c=to_close: self._forget(c, abort=False))
+                        releasing.add_done_callback(functools.partial(self._forget_after, to_close))
                     else:
                         self._forget(to_close, abort=False)
             elif type(effect) is LimitExceeded:
@@ -552,6 +553,9 @@ class ChatServer:
         self._violation(conn, "slow-reader", f"more than {self.limits.max_pending_output_bytes} bytes unsent")
         conn.transport.abort()
         self._to_drop.append((conn.cid, "slow reader"))
+
+    def _forget_after(self, conn: _Conn, _release: asyncio.Task[None]) -> None:
+        self._forget(conn, abort=False)
 
     def _forget(self, conn: _Conn, abort: bool) -> None:
         """The connection is over: flush what the core sent it last (unless aborting), close, uncount."""
