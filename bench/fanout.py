@@ -1,0 +1,605 @@
+"""Room fan-out: one server, one room of 100 clients, several senders; chatmesh against a bare relay.
+
+    python -m bench.fanout [--quick] [--clients 100] [--senders 4] [--rounds 2] [--out bench/results/fanout.json]
+
+Three servers run side by side, each in its own process, and the same load generator drives each in turn:
+
+- two bare asyncio relays with no protocol logic (`--serve-relay`): read a line, parse it as JSON, write it
+  to every other connection. `batched` writes all the lines of one read to each receiver in one write (the
+  baseline of the target); `naive` uses streams, one `readline` and one write per line and receiver;
+- chatmesh: a one-server cluster (`python -m node`), the clients logged in and joined to one room.
+
+The load generator (`--loadgen`, its own process) holds every client connection. Each message carries its
+send time in its content; every client counts the lines it receives (deliveries), and a sample of the
+receivers parses the timestamps (delivery latency). Two phases per visit:
+
+1. peak: the senders keep a fixed number of messages in flight (closed loop; a tracking receiver
+   acknowledges them), which gives the highest delivery rate the server sustains;
+2. 80%: the senders send at 80% of that peak message rate on a fixed schedule (open loop; the timestamp
+   is the *scheduled* send time, so a stalled generator cannot hide latency), which gives the latency.
+
+Each server is visited `--rounds` times in turn and its best figures are reported (the highest peak; the
+lowest p99 at 80% among the rounds that kept up), so a burst of other work on a shared machine does not
+decide the ratio. The CPU each process used during a window is
+reported too, and deliveries per server CPU-second, which stays comparable on a busy machine.
+
+Targets (issue 7): chatmesh >= 60% of the baseline's deliveries/s, p99 delivery latency <= 50 ms at 80% of
+peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from bench.common import (
+    ROOT,
+    bench_cluster,
+    bench_limits_env,
+    default_out,
+    format_table,
+    latency_summary,
+    machine_info,
+    node_importable,
+    proc_cpu_s,
+    server_pid,
+    write_report,
+)
+
+HOST = "127.0.0.1"
+ROOM = "fan"
+# Messages in flight during the peak phase (all senders together), and the most one write carries.
+PEAK_WINDOW = 256
+SEND_BURST = 16
+# Open-loop schedule tick.
+TICK_S = 0.001
+# The open-loop phase gives up when the server falls this far behind the schedule (its latency target is
+# long lost by then, and the backlog would only grow).
+MAX_LAG_S = 1.0
+MAX_BACKLOG = 20 * PEAK_WINDOW  # messages, at least
+# Every SAMPLE_EVERY-th client parses timestamps (latency); the others only count lines (deliveries).
+SAMPLE_EVERY = 25
+# Filler so a message is the size of a short chat line (the content is about 60 characters).
+PADDING = "lorem ipsum dolor sit amet consectetur adipiscing"
+SETUP_TIMEOUT_S = 60.0
+DRAIN_TIMEOUT_S = 30.0
+LOADGEN_TIMEOUT_S = 300.0
+PENDING_OUTPUT_BYTES = 8 * 1024 * 1024
+# A load generator above this CPU share is the bottleneck of the window it measured.
+LOADGEN_BOUND_PCT = 90.0
+TARGET_RATIO = 0.60
+TARGET_P99_MS = 50.0
+LOAD_FRACTION = 0.80
+
+RELAY_STYLES = ("batched", "naive")
+SERVERS = ("relay-batched", "relay-naive", "chatmesh")
+# The relay the 60% target compares with: the stronger of the two.
+BASELINE = "batched"
+
+STAMP = re.compile(rb'"content":"(\d+) ')
+
+
+# -- the baselines: bare asyncio relays ---------------------------------------------------------------
+
+
+async def serve_relay(port: int, style: str) -> None:
+    """Read a line, parse it, write it to every other connection. Nothing else.
+
+    `naive`: asyncio streams, one `readline` and one write per line and receiver. `batched`: a protocol
+    that parses every complete line of a read and writes them to each receiver in one write, which is
+    the batching any relay gets for free when lines arrive together (chatmesh does the same per loop turn).
+    """
+    if style == "naive":
+        writers: list[asyncio.StreamWriter] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            try:
+                while line := await reader.readline():
+                    json.loads(line)
+                    for other in writers:
+                        if other is not writer:
+                            other.write(line)
+            except (ConnectionError, ValueError):
+                pass
+            finally:
+                writers.remove(writer)
+                writer.close()
+
+        server = await asyncio.start_server(handle, HOST, port)
+    else:
+        conns: list[RelayConn] = []
+        server = await asyncio.get_running_loop().create_server(lambda: RelayConn(conns), HOST, port)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+class RelayConn(asyncio.Protocol):
+    """One connection of the batched relay."""
+
+    def __init__(self, conns: list[RelayConn]) -> None:
+        self.conns = conns
+        self.transport: asyncio.Transport | None = None
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conns.append(self)
+
+    def data_received(self, data: bytes) -> None:
+        data = self.tail + data
+        cut = data.rfind(b"\n") + 1
+        self.tail = data[cut:]
+        if not cut:
+            return
+        chunk = data[:cut]
+        try:
+            for line in chunk.split(b"\n")[:-1]:
+                json.loads(line)
+        except ValueError:
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        for other in self.conns:
+            if other is not self and other.transport is not None:
+                other.transport.write(chunk)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conns.remove(self)
+
+
+# -- the load generator ------------------------------------------------------------------------------
+
+
+class Peer(asyncio.Protocol):
+    """One client connection of the load generator."""
+
+    def __init__(self, gen: LoadGen, index: int) -> None:
+        self.gen = gen
+        self.index = index
+        self.sample = index % SAMPLE_EVERY == 0
+        self.transport: asyncio.Transport | None = None
+        self.lines = 0
+        self.tail = b""
+        self.inbox: list[dict[str, Any]] = []
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        gen = self.gen
+        self.lines += data.count(b"\n")
+        if gen.setup:
+            data = self.tail + data
+            *complete, self.tail = data.split(b"\n")
+            self.inbox.extend(json.loads(line) for line in complete if line)
+            gen.changed.set()
+        elif self.sample:
+            data = self.tail + data
+            cut = data.rfind(b"\n") + 1
+            self.tail = data[cut:]
+            if gen.recording:
+                now = time.perf_counter_ns()
+                record = gen.latencies_ns.append
+                for stamp in STAMP.findall(data, 0, cut):
+                    record(now - int(stamp))
+        if self is gen.tracker:
+            gen.changed.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.gen.changed.set()
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.transport is not None
+        self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+def _factory(peer: Peer) -> Callable[[], Peer]:
+    return lambda: peer
+
+
+class LoadGen:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.setup = True
+        self.recording = False
+        self.latencies_ns: list[int] = []
+        self.changed = asyncio.Event()
+        self.peers: list[Peer] = []
+        self.tracker: Peer | None = None
+        self.server_pid: int = spec["server_pid"]
+        self.problems: list[str] = []
+
+    async def wait(self, predicate: Any, timeout: float, what: str) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                if any(p.lost for p in self.peers):
+                    raise RuntimeError(f"a connection was closed by the server while waiting for {what}")
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(self.spec["clients"]):
+            peer = Peer(self, i)
+            await loop.create_connection(_factory(peer), self.spec["host"], self.spec["port"])
+            self.peers.append(peer)
+        self.tracker = self.peers[-1]
+
+    async def join_chatmesh(self) -> None:
+        """Log every client in; the first creates the room, the others join it."""
+        owner, *others = self.peers
+
+        def reply(peer: Peer, kind: str) -> dict[str, Any] | None:
+            return next((m for m in peer.inbox if m.get("type") == kind), None)
+
+        tag, room = self.spec["tag"], f"{ROOM}{self.spec['tag']}"
+        owner.send({"type": "newidentity", "identity": f"f{tag}x0"})
+        await self.wait(lambda: reply(owner, "newidentity") is not None, SETUP_TIMEOUT_S, "the owner's approval")
+        owner.send({"type": "createroom", "roomid": room})
+        await self.wait(lambda: reply(owner, "createroom") is not None, SETUP_TIMEOUT_S, "the room")
+        if (reply(owner, "createroom") or {}).get("approved") != "true":
+            raise RuntimeError(f"createroom {room} refused")
+        for peer in others:
+            peer.send({"type": "newidentity", "identity": f"f{tag}x{peer.index}"})
+        await self.wait(lambda: all(reply(p, "newidentity") for p in others), SETUP_TIMEOUT_S, "approvals")
+        refused = [p.index for p in others if (reply(p, "newidentity") or {}).get("approved") != "true"]
+        if refused:
+            raise RuntimeError(f"newidentity refused for clients {refused[:5]}")
+        for peer in others:
+            peer.send({"type": "joinroom", "roomid": room})
+
+        def joined(peer: Peer) -> bool:
+            return any(m.get("type") == "roomchange" and m.get("roomid") == room for m in peer.inbox)
+
+        await self.wait(lambda: all(joined(p) for p in others), SETUP_TIMEOUT_S, "joins")
+
+    async def sync(self) -> None:
+        """Until every other client has received a message from the first: all are in the room."""
+        first, *others = self.peers
+
+        def synced(peer: Peer) -> bool:
+            return any(m.get("type") == "message" and m.get("content") == "sync" for m in peer.inbox)
+
+        async with asyncio.timeout(SETUP_TIMEOUT_S):
+            while not all(synced(p) for p in others):
+                first.send({"type": "message", "content": "sync"})
+                with contextlib.suppress(TimeoutError):
+                    await self.wait(lambda: all(synced(p) for p in others), 0.2, "sync")
+        await asyncio.sleep(0.2)  # let repeated syncs drain
+
+    def _message(self, stamp_ns: int, seq: int) -> bytes:
+        return b'{"type":"message","content":"%d %d %s"}\n' % (stamp_ns, seq, PADDING.encode())
+
+    def _deliveries(self) -> int:
+        return sum(p.lines for p in self.peers)
+
+    async def _window(self, warmup_s: float, duration_s: float) -> dict[str, Any]:
+        """Measure deliveries, latency and CPU over one window after a warm-up (the load runs meanwhile)."""
+        await asyncio.sleep(warmup_s)
+        self.latencies_ns.clear()
+        self.recording = True
+        lines0, t0 = self._deliveries(), time.perf_counter()
+        cpu0, server0 = time.process_time(), proc_cpu_s(self.server_pid)
+        await asyncio.sleep(duration_s)
+        lines1, t1 = self._deliveries(), time.perf_counter()
+        cpu1, server1 = time.process_time(), proc_cpu_s(self.server_pid)
+        self.recording = False
+        elapsed = t1 - t0
+        receivers = len(self.peers) - 1
+        return {
+            "deliveries_per_s": (lines1 - lines0) / elapsed,
+            "messages_per_s": (lines1 - lines0) / elapsed / receivers,
+            **latency_summary([ns / 1e9 for ns in self.latencies_ns]),
+            "server_cpu_pct": 100 * (server1 - server0) / elapsed,
+            # Deliveries per CPU-second of the server: its efficiency, whatever else the machine was doing.
+            "deliveries_per_server_cpu_s": (lines1 - lines0) / max(server1 - server0, 1e-9),
+            "loadgen_cpu_pct": 100 * (cpu1 - cpu0) / elapsed,
+            "window_s": elapsed,
+        }
+
+    async def peak(self, warmup_s: float, duration_s: float) -> dict[str, Any]:
+        tracker = self.tracker
+        assert tracker is not None
+        senders = self.peers[: self.spec["senders"]]
+        base = tracker.lines
+        sent = 0
+        stop = False
+
+        async def send_loop(peer: Peer) -> None:
+            nonlocal sent
+            assert peer.transport is not None
+            write = peer.transport.write
+            while not stop:
+                room = PEAK_WINDOW - (sent - (tracker.lines - base))
+                if room <= 0:
+                    self.changed.clear()
+                    await self.changed.wait()
+                    continue
+                count = min(room, SEND_BURST)
+                now = time.perf_counter_ns()
+                write(b"".join(self._message(now, sent + k) for k in range(count)))
+                sent += count
+                await asyncio.sleep(0)
+
+        tasks = [asyncio.create_task(send_loop(p)) for p in senders]
+        try:
+            result = await self._window(warmup_s, duration_s)
+        finally:
+            stop = True
+            self.changed.set()
+            await asyncio.gather(*tasks)
+        await self._drain(base, sent)
+        return result
+
+    async def at_rate(self, messages_per_s: float, warmup_s: float, duration_s: float) -> dict[str, Any]:
+        tracker = self.tracker
+        assert tracker is not None
+        senders = self.peers[: self.spec["senders"]]
+        base = tracker.lines
+        sent = 0
+        overloaded = False
+        stop = False
+        interval_ns = 1e9 / messages_per_s
+        backlog_limit = max(MAX_BACKLOG, int(messages_per_s * MAX_LAG_S))
+
+        async def schedule() -> None:
+            nonlocal sent, overloaded
+            start = time.perf_counter_ns()
+            while not stop:
+                due = int((time.perf_counter_ns() - start) / interval_ns) - sent
+                if due > 0:
+                    batches: list[list[bytes]] = [[] for _ in senders]
+                    for k in range(sent, sent + due):
+                        batches[k % len(senders)].append(self._message(start + int(k * interval_ns), k))
+                    for peer, batch in zip(senders, batches, strict=True):
+                        if batch:
+                            assert peer.transport is not None
+                            peer.transport.write(b"".join(batch))
+                    sent += due
+                if sent - (tracker.lines - base) > backlog_limit:
+                    overloaded = True
+                    return
+                await asyncio.sleep(TICK_S)
+
+        task = asyncio.create_task(schedule())
+        try:
+            result = await self._window(warmup_s, duration_s)
+        finally:
+            stop = True
+            await task
+        await self._drain(base, sent)
+        result["offered_messages_per_s"] = messages_per_s
+        result["overloaded"] = overloaded
+        return result
+
+    async def _drain(self, base: int, sent: int) -> None:
+        """Until the tracker received everything sent; a server that dropped a client (a slow reader) or
+        never catches up is reported, not waited for."""
+        tracker = self.tracker
+        assert tracker is not None
+        try:
+            await self.wait(lambda: tracker.lines - base >= sent, DRAIN_TIMEOUT_S, "the backlog to drain")
+        except (RuntimeError, TimeoutError) as exc:
+            self.problems.append(f"{exc or 'timed out waiting for the backlog to drain'}")
+        await asyncio.sleep(0.1)
+
+    async def run(self) -> dict[str, Any]:
+        await self.connect()
+        if self.spec["mode"] == "chatmesh":
+            await self.join_chatmesh()
+        await self.sync()
+        self.setup = False
+        for peer in self.peers:
+            peer.tail = b""
+            peer.inbox.clear()
+        warmup, duration = self.spec["warmup_s"], self.spec["duration_s"]
+        peak = await self.peak(warmup, duration)
+        rate = await self.at_rate(LOAD_FRACTION * peak["messages_per_s"], warmup, duration)
+        for peer in self.peers:
+            if peer.transport is not None:
+                peer.transport.abort()
+        return {"peak": peak, "at_80pct": rate, "connections_lost": sum(p.lost for p in self.peers),
+                "problems": self.problems}  # fmt: skip
+
+
+def loadgen_main(spec: dict[str, Any]) -> int:
+    result = asyncio.run(LoadGen(spec).run())
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# -- the orchestration --------------------------------------------------------------------------------
+
+
+def run_loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fanout", "--loadgen", json.dumps(spec)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        timeout=LOADGEN_TIMEOUT_S,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed against {spec['mode']} (exit {proc.returncode})")
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def relay_server(style: str) -> Iterator[tuple[int, int]]:
+    """A bare relay process; yields (port, pid)."""
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "bench.fanout", "--serve-relay", "0", "--relay-style", style],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert relay.stdout is not None
+        yield int(relay.stdout.readline()), relay.pid
+    finally:
+        relay.kill()
+        relay.wait(timeout=10)
+
+
+def measure_all(spec: dict[str, Any], rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """Every server runs for the whole measurement; the load generator visits them in turn, `rounds`
+    times, so a burst of other work on the machine hits all of them alike."""
+    # Output a client may have pending: 8 MiB instead of 1, so that a load generator briefly starved of CPU
+    # on a shared machine is not dropped as a slow reader in the middle of a window.
+    env = bench_limits_env(max_clients=4 * spec["clients"] * rounds, max_pending_output_bytes=PENDING_OUTPUT_BYTES)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVERS}
+    with contextlib.ExitStack() as stack:
+        targets: dict[str, dict[str, Any]] = {}
+        for style in RELAY_STYLES:
+            port, pid = stack.enter_context(relay_server(style))
+            targets[f"relay-{style}"] = {"mode": "relay", "port": port, "server_pid": pid}
+        cluster = stack.enter_context(bench_cluster(1, env, "bench-fanout-"))
+        (server_id,) = cluster.ids
+        host, port = cluster.client_address(server_id)
+        targets["chatmesh"] = {"mode": "chatmesh", "host": host, "port": port,
+                               "server_pid": server_pid(cluster, server_id)}  # fmt: skip
+        for r in range(rounds):
+            for name in SERVERS:
+                print(f"  round {r + 1}/{rounds}: {name} ...", file=sys.stderr, flush=True)
+                results[name].append(run_loadgen({**spec, **targets[name], "tag": str(r)}))
+    return results
+
+
+def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best of the rounds, as the least disturbed by other work on the machine: the peak of the round with
+    the highest peak, the 80% phase of the round with the lowest p99 that kept up with its schedule."""
+    peak_round = max(range(len(runs)), key=lambda i: runs[i]["peak"]["deliveries_per_s"])
+    kept_up = [i for i, run in enumerate(runs) if not run["at_80pct"]["overloaded"]] or list(range(len(runs)))
+    rate_round = min(kept_up, key=lambda i: runs[i]["at_80pct"]["p99_ms"])
+    peaks = [run["peak"]["deliveries_per_s"] for run in runs]
+    return {
+        "peak": {**runs[peak_round]["peak"], "round": peak_round + 1, "spread": [min(peaks), max(peaks)]},
+        "at_80pct": {**runs[rate_round]["at_80pct"], "round": rate_round + 1},
+        "problems": [p for run in runs for p in run.get("problems", [])],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter windows (a smoke run)")
+    parser.add_argument("--clients", type=int, default=100, help="clients in the room")
+    parser.add_argument("--senders", type=int, default=4, help="clients that send")
+    parser.add_argument("--rounds", type=int, help="visits to each server, the best counts (default 3, quick 1)")
+    parser.add_argument("--out", default=str(default_out("fanout")), help="where to write the JSON results")
+    parser.add_argument("--serve-relay", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--relay-style", choices=RELAY_STYLES, default="batched", help=argparse.SUPPRESS)
+    parser.add_argument("--loadgen", metavar="SPEC", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_relay is not None:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_relay(args.serve_relay, args.relay_style))
+        return 0
+    if args.loadgen is not None:
+        return loadgen_main(json.loads(args.loadgen))
+    if (reason := node_importable()) is not None:
+        print(f"bench.fanout: the server cannot start in this checkout: {reason}", file=sys.stderr)
+        return 1
+
+    started = time.monotonic()
+    rounds = args.rounds or (1 if args.quick else 3)
+    spec = {
+        "host": HOST,
+        "clients": args.clients,
+        "senders": args.senders,
+        "warmup_s": 0.5 if args.quick else 1.0,
+        "duration_s": 2.0 if args.quick else 3.0,
+    }
+    runs = measure_all(spec, rounds)
+    chosen = {name: best(r) for name, r in runs.items()}
+    chatmesh = chosen["chatmesh"]
+    relays = {style: chosen[f"relay-{style}"] for style in RELAY_STYLES}
+
+    peak = chatmesh["peak"]["deliveries_per_s"]
+    ratios = {style: peak / r["peak"]["deliveries_per_s"] for style, r in relays.items()}
+    ratio = ratios[BASELINE]
+    efficiency = chatmesh["peak"]["deliveries_per_server_cpu_s"]
+    cpu_ratios = {style: efficiency / r["peak"]["deliveries_per_server_cpu_s"] for style, r in relays.items()}
+    header = ("server", "phase", "msgs/s", "deliveries/s", "p50 ms", "p99 ms", "max ms", "server cpu%",
+              "loadgen cpu%", "deliveries/cpu-s")  # fmt: skip
+    rows = []
+    measured = [(f"relay, {style}", r) for style, r in relays.items()] + [("chatmesh", chatmesh)]
+    for name, result in measured:
+        for phase, label in (("peak", "peak"), ("at_80pct", "80% of peak")):
+            r = result[phase]
+            label = label + (" OVERLOADED" if r.get("overloaded") else "")
+            rows.append(
+                (
+                    name,
+                    label,
+                    f"{r['messages_per_s']:.0f}",
+                    f"{r['deliveries_per_s']:.0f}",
+                    r["p50_ms"],
+                    r["p99_ms"],
+                    r["max_ms"],
+                    f"{r['server_cpu_pct']:.0f}",
+                    f"{r['loadgen_cpu_pct']:.0f}",
+                    f"{r['deliveries_per_server_cpu_s']:.0f}",
+                )
+            )
+    print(format_table(header, rows))
+    for name, result in measured:
+        low, high = result["peak"]["spread"]
+        print(f"{name}: peak deliveries/s over the {rounds} rounds {low:.0f} .. {high:.0f}")
+        for problem in result.get("problems", []):
+            print(f"{name}: {problem}")
+    loadgen_bound = relays[BASELINE]["peak"]["loadgen_cpu_pct"] >= LOADGEN_BOUND_PCT
+    if loadgen_bound:
+        print(f"the load generator used {relays[BASELINE]['peak']['loadgen_cpu_pct']:.0f}% of a core at the "
+              f"{BASELINE} relay's peak: that peak is a lower bound, and the ratio an upper bound")  # fmt: skip
+    met = {
+        "deliveries_ge_60pct_of_baseline": ratio >= TARGET_RATIO,
+        "p99_le_50ms_at_80pct": chatmesh["at_80pct"]["p99_ms"] <= TARGET_P99_MS
+        and not chatmesh["at_80pct"]["overloaded"],
+    }
+    for style, value in ratios.items():
+        mark = " (the baseline of the target)" if style == BASELINE else ""
+        print(f"\nchatmesh / {style} relay deliveries per second at peak: {value:.0%}{mark}; "
+              f"per server CPU-second: {cpu_ratios[style]:.0%}", end="")  # fmt: skip
+    print()
+    print("targets: " + ", ".join(f"{k} {'MET' if v else 'NOT MET'}" for k, v in met.items()))
+    report = {
+        "bench": "fanout",
+        "command": "python -m bench.fanout" + (" --quick" if args.quick else ""),
+        "machine": machine_info(),
+        "clients": args.clients,
+        "senders": args.senders,
+        "peak_window_messages": PEAK_WINDOW,
+        "warmup_s": spec["warmup_s"],
+        "duration_s_per_window": spec["duration_s"],
+        "rounds": rounds,
+        "relay": relays,
+        "chatmesh": chatmesh,
+        "baseline": BASELINE,
+        "ratio": ratio,
+        "ratio_by_relay": ratios,
+        "cpu_efficiency_ratio_by_relay": cpu_ratios,
+        "baseline_loadgen_bound": loadgen_bound,
+        "all_rounds": runs,
+        "targets": {"ratio": TARGET_RATIO, "p99_ms_at_80pct": TARGET_P99_MS},
+        "met": met,
+        "duration_s": time.monotonic() - started,
+    }
+    out = write_report(args.out, report)
+    print(f"\nwritten {out} in {report['duration_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
