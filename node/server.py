@@ -142,6 +142,9 @@ class ChatServer:
         self._per_ip: Counter[str] = Counter()
         self._ids = itertools.count(1)
         self._dirty: list[_Conn] = []
+        # Broadcasts of this loop turn not yet expanded per receiver: (receivers, lines, each line's sender).
+        # Runs of lines to the same room are joined once and shared by every receiver (see _materialize).
+        self._held: list[tuple[tuple[ConnId, ...], list[bytes], list[ConnId | None]]] = []
         self._flush_scheduled = False
         self._to_drop: list[tuple[ConnId, str]] = []
         self._applying = False
@@ -451,42 +454,67 @@ class ChatServer:
         finally:
             self._applying = False
 
-    def _apply_batch(self, effects: list[Effect]) -> None:
+    def _materialize(self) -> None:
+        """Expand the broadcasts held back this turn: one join per run of lines to the same room, shared by
+        every receiver; a sender gets the run without its own lines. Called before any other write, so each
+        connection still sees its lines in the order the core produced them."""
+        held = self._held
+        if not held:
+            return
+        self._held = []
         conns = self._conns
         limit = self.limits.max_pending_output_bytes
-        release: asyncio.Task[None] | None = None  # spawned by the effect just before this one
+        for receivers, lines, senders in held:
+            joined = lines[0] if len(lines) == 1 else b"".join(lines)
+            size = len(joined)
+            sending = set(senders)
+            for cid in receivers:
+                conn = conns.get(cid)
+                if conn is None or conn.dead:
+                    continue
+                if cid in sending:
+                    data = b"".join(line for line, sender in zip(lines, senders, strict=True) if sender != cid)
+                    if not data:
+                        continue
+                    n = len(data)
+                else:
+                    data, n = joined, size
+                if not conn.out:
+                    self._dirty.append(conn)
+                conn.out.append(data)
+                conn.out_bytes += n
+                if conn.out_bytes > limit:
+                    self._overflow(conn)
+
+    def _apply_batch(self, effects: list[Effect]) -> None:
+        conns = self._conns
+        release: asyncio.Task[None] | None = None  # the last identity release of this batch
         for effect in effects:
-            releasing, release = release, None
             if type(effect) is Broadcast:
                 data = encode(effect.message)
-                size = len(data)
-                exclude = effect.exclude
-                for cid in effect.conns:
-                    if cid == exclude:
-                        continue
-                    conn = conns.get(cid)
-                    if conn is None or conn.dead:
-                        continue
-                    # Inlined _write_one: this loop runs once per delivery.
-                    if not conn.out:
-                        self._dirty.append(conn)
-                    conn.out.append(data)
-                    conn.out_bytes += size
-                    if conn.out_bytes > limit:
-                        self._overflow(conn)
-                if self._dirty and not self._flush_scheduled:
+                held = self._held
+                # The core hands out one tuple per room membership, so `is` finds a run to the same room.
+                if held and held[-1][0] is effect.conns:
+                    held[-1][1].append(data)
+                    held[-1][2].append(effect.exclude)
+                else:
+                    held.append((effect.conns, [data], [effect.exclude]))
+                if not self._flush_scheduled:
                     self._schedule_flush()
-            elif type(effect) is Send:
+                continue
+            self._materialize()
+            if type(effect) is Send:
                 send_to = conns.get(effect.conn)
                 if send_to is not None:
                     self._write_one(send_to, encode(effect.message))
             elif type(effect) is Close:
                 to_close = conns.get(effect.conn)
                 if to_close is not None:
-                    if releasing is not None and not releasing.done():
+                    if release is not None and not release.done():
                         # A quit (protocol.md): release I in the registry, then close, so that a client
                         # logging in again elsewhere right after its quit finds its name free.
-                        releasing.add_done_callback(functools.partial(self._forget_after, to_close))
+                        release.add_done_callback(functools.partial(self._forget_after, to_close))
+                        release = None
                     else:
                         self._forget(to_close, abort=False)
             elif type(effect) is LimitExceeded:
@@ -502,6 +530,8 @@ class ChatServer:
                 self._spawn(self._run_request(effect))
 
     def _write_one(self, conn: _Conn, data: bytes) -> None:
+        if self._held:
+            self._materialize()  # this line goes after the broadcasts held back
         if conn.dead:
             return
         if not conn.out:
@@ -521,6 +551,7 @@ class ChatServer:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._materialize()
         dirty, self._dirty = self._dirty, []
         limit = self.limits.max_pending_output_bytes
         for conn in dirty:
