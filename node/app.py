@@ -73,6 +73,7 @@ class Node:
         self.started_at = 0.0
         self._background: set[asyncio.Task[Any]] = set()
         self.events = EventLog()
+        self.snapshot_lists_key: tuple[int, int] | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -327,7 +328,7 @@ class Node:
     def publish_snapshot(self) -> None:
         from node.snapshot import build_snapshot
 
-        self.snapshots.publish(build_snapshot(self))
+        self.snapshots.publish(build_snapshot(self, self.snapshots.get()))
 
 
 class _Stopped(Exception):

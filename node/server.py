@@ -24,6 +24,7 @@ replaced, never mutated).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import logging
@@ -158,6 +159,9 @@ class ChatServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self._max_clients = self.limits.max_clients
+        # Bumped whenever sessions or rooms may have changed: snapshots rebuild their lists only then.
+        self.generation = 0
+        self._built_generation = 0
         self.latest_snapshot: ChatSnapshot = self._build_snapshot()
 
     # -- lifetime ------------------------------------------------------------------------------------
@@ -270,7 +274,21 @@ class ChatServer:
         return self._publish()
 
     def _publish(self) -> ChatSnapshot:
-        self.latest_snapshot = snapshot = self._build_snapshot()
+        latest = self.latest_snapshot
+        if self._built_generation == self.generation:
+            # Membership unchanged since the last build: only the counters moved. Rebuilding the client
+            # list of 10,000 sessions several times a second would stall the loop for nothing.
+            snapshot = dataclasses.replace(
+                latest,
+                connections=len(self._conns),
+                messages_relayed=self.core.messages_relayed,
+                deliveries=self.core.deliveries,
+                counters=types.MappingProxyType(dict(self.counters)),
+            )
+        else:
+            self._built_generation = self.generation
+            snapshot = self._build_snapshot()
+        self.latest_snapshot = snapshot
         return snapshot
 
     def _build_snapshot(self) -> ChatSnapshot:
@@ -445,6 +463,8 @@ class ChatServer:
             # Re-entered from a drop below: effects are already ordered after the current batch.
             self._apply_batch(effects)
             return
+        if not all(type(e) is Broadcast and e.message.get("type") == "message" for e in effects):
+            self.generation += 1  # anything but chat may have changed sessions or rooms
         self._applying = True
         try:
             self._apply_batch(effects)

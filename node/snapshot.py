@@ -22,12 +22,19 @@ from node.status import (
 
 if TYPE_CHECKING:
     from node.app import Node
+    from node.server import ChatSnapshot
 
 
-def build_snapshot(node: Node) -> Snapshot:
+def build_snapshot(node: Node, previous: Snapshot | None = None) -> Snapshot:
+    """The node's state now. Room and client lists are rebuilt only when the registry applied a command
+    or local membership changed since `previous`; otherwise they are shared with it."""
     chat = node.chat.snapshot()
-    members = {room.room_id: room.members for room in chat.rooms}
-    local_rooms_of = {client.identity: client.room_id for client in chat.clients}
+    lists_key = (node.registry.applied_commands(), node.chat.generation)
+    if previous is not None and node.snapshot_lists_key == lists_key:
+        rooms, clients = previous.rooms, previous.clients
+    else:
+        rooms, clients = _lists(node, chat)
+        node.snapshot_lists_key = lists_key
     coordinator = node.election.coordinator
     up = set(node.election.servers_up) | {node.server_id}
     servers = tuple(
@@ -47,19 +54,6 @@ def build_snapshot(node: Node) -> Snapshot:
             else ROLE_MEMBER,
         )
         for s in node.config.servers
-    )
-    rooms = tuple(
-        RoomView(e.room_id, e.server, e.owner, members.get(e.room_id) if e.server == node.server_id else None)
-        for e in sorted(node.registry.rooms(), key=lambda e: (e.server, e.room_id))
-    )
-    clients = tuple(
-        ClientView(
-            e.identity,
-            e.server,
-            local_rooms_of.get(e.identity) if e.server == node.server_id else None,
-            e.in_transit,
-        )
-        for e in sorted(node.registry.identities(), key=lambda e: e.identity)
     )
     raft = node.registry.status()
     counts = node.registry.counts()
@@ -101,3 +95,22 @@ def build_snapshot(node: Node) -> Snapshot:
         serving=node.serving,
         taken_at=time.time(),
     )
+
+
+def _lists(node: Node, chat: ChatSnapshot) -> tuple[tuple[RoomView, ...], tuple[ClientView, ...]]:
+    members = {room.room_id: room.members for room in chat.rooms}
+    local_rooms_of = {client.identity: client.room_id for client in chat.clients}
+    rooms = tuple(
+        RoomView(e.room_id, e.server, e.owner, members.get(e.room_id) if e.server == node.server_id else None)
+        for e in sorted(node.registry.rooms(), key=lambda e: (e.server, e.room_id))
+    )
+    clients = tuple(
+        ClientView(
+            e.identity,
+            e.server,
+            local_rooms_of.get(e.identity) if e.server == node.server_id else None,
+            e.in_transit,
+        )
+        for e in sorted(node.registry.identities(), key=lambda e: e.identity)
+    )
+    return rooms, clients
