@@ -33,8 +33,10 @@ is reported only after its command committed; every timing lives in `RaftTimings
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import shutil
 import threading
@@ -68,6 +70,8 @@ DUMP_FILE = "raft.dump"
 LOCK_FILE = "lock"
 # Commands PySyncObj may queue before refusing with QUEUE_FULL (its default is 100 000).
 MAX_QUEUED_COMMANDS = 10_000
+# Commands per log entry when several are submitted in one loop turn.
+MAX_BATCH = 256
 # Largest append-entries message (PySyncObj: 64 KiB). A registry command pickles to ~120 bytes, so one
 # message covers every command the whole cluster can have in flight (servers x MAX_IN_FLIGHT); see
 # _RewriteFilter for why a message should cover what a follower already has.
@@ -206,6 +210,14 @@ class _RegistryLog(SyncObjConsumer):
 
     @replicated
     def apply(self, command: Command) -> Result:
+        return self._apply_one(command)
+
+    @replicated
+    def apply_batch(self, commands: tuple[Command, ...]) -> tuple[Result, ...]:
+        """Several commands in one log entry, applied in order exactly as if logged one by one."""
+        return tuple(self._apply_one(command) for command in commands)
+
+    def _apply_one(self, command: Command) -> Result:
         with self._lock:
             try:
                 result = self.state.apply(command)
@@ -251,6 +263,7 @@ class ReplicatedRegistry:
         self._listeners: list[Callable[[Command, Result], None]] = []
         self._log = _RegistryLog(self._lock, self._notify)
         self._bridge = CommitBridge(MAX_IN_FLIGHT)
+        self._batch: list[tuple[Command, Callable[[object, int], None]]] = []
         self._sync: SyncObj | None = None
         self._partner_nodes: tuple[Any, ...] = ()
         self._lock_file: IO[bytes] | None = None
@@ -369,12 +382,34 @@ class ReplicatedRegistry:
         sync = self._sync
         if sync is None:
             raise RegistryUnavailable("closed" if self._closed else "not-started")
-        log_ = self._log
+        return await self._bridge.commit(functools.partial(self._enqueue, command), timeout)
 
-        def send(callback: Callable[[object, int], None]) -> None:
-            log_.apply(command, callback=callback)
+    def _enqueue(self, command: Command, callback: Callable[[object, int], None]) -> None:
+        """Queue `command` for the batch this loop turn sends (on the loop's thread)."""
+        self._batch.append((command, callback))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._send_batch)
 
-        return await self._bridge.commit(send, timeout)
+    def _send_batch(self) -> None:
+        """Hand the commands submitted in one loop turn to PySyncObj as one log entry: one append per follower
+        instead of one per command, which is what bounds commits per second under concurrent requests."""
+        batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
+        if self._batch:
+            asyncio.get_running_loop().call_soon(self._send_batch)
+        if not batch:
+            return
+        if len(batch) == 1:
+            command, callback = batch[0]
+            self._log.apply(command, callback=callback)
+            return
+        callbacks = [callback for _, callback in batch]
+
+        def on_batch(results: object, error: int) -> None:  # PySyncObj's thread
+            ok = isinstance(results, tuple) and len(results) == len(callbacks)
+            for i, callback in enumerate(callbacks):
+                callback(results[i] if ok else None, error)  # type: ignore[index]
+
+        self._log.apply_batch(tuple(command for command, _ in batch), callback=on_batch)
 
     @property
     def in_flight(self) -> int:

@@ -272,3 +272,25 @@ def test_a_lone_node_of_three_refuses_writes_within_the_timeout(tmp_path: Path, 
     assert not registry.is_ready() and not registry.has_quorum()
     assert registry.raft_status()["leader"] is None
     assert registry.counts()["servers_up"] == 0  # nothing applied
+
+
+def test_commands_submitted_in_one_loop_turn_share_a_log_entry_and_keep_their_order(
+    tmp_path: Path, registries
+) -> None:
+    registry = ReplicatedRegistry(make_config(tmp_path, 1), "s1", tmp_path / "d", SECRET)
+    start(registries, registry)
+    wait_for(lambda: registry.is_ready() and registry.has_quorum())
+
+    async def scenario() -> list[rs.Result]:
+        await registry.submit(rs.ServerUp("u", "s1", 1), 2.0)
+        before = registry.raft_status()["commit_index"]
+        claims = [registry.submit(rs.ClaimIdentity(f"c{i}", f"name{i % 10}", "s1", 1), 2.0) for i in range(100)]
+        results = await asyncio.gather(*claims)
+        entries = registry.raft_status()["commit_index"] - before
+        assert entries < 10, f"{entries} log entries for 100 commands submitted at once"
+        return list(results)
+
+    results = asyncio.run(scenario())
+    # In submission order: the first claim of each name wins, every later one is refused.
+    assert [r.ok for r in results] == [i < 10 for i in range(100)]
+    assert registry.applied_commands() == 101
