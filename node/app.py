@@ -203,6 +203,7 @@ class Node:
             time.time(), f"coordinator is now {coordinator}" if coordinator else "coordinator lost: electing"
         )
         self.directory.coordinator_changed()
+        self.registry.prefer_leader(coordinator)
         self.publish_snapshot()
 
     def _on_peer_down(self, peer: str, incarnation: int) -> None:

@@ -49,7 +49,7 @@ from typing import IO, Any
 from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.journal import FileJournal
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, ServerConfig
 from registry.client import MAX_IN_FLIGHT, CommitBridge, RegistryUnavailable
 from registry.state import Command, IdentityEntry, RegistryState, Result, RoomEntry
 
@@ -134,6 +134,8 @@ class RaftTimings:
     # Compact the log (write the full dump, cut the journal) after this many entries or this long.
     log_compaction_min_entries: int = 5000
     log_compaction_min_time_s: float = 300.0
+    # Least time between two attempts to hand leadership to the preferred server (the coordinator).
+    leader_hand_over_interval_s: float = 1.0
     # How long close() waits for PySyncObj's thread to stop.
     close_timeout_s: float = 3.0
 
@@ -264,6 +266,8 @@ class ReplicatedRegistry:
         self._log = _RegistryLog(self._lock, self._notify)
         self._bridge = CommitBridge(MAX_IN_FLIGHT)
         self._batch: list[tuple[Command, Callable[[object, int], None]]] = []
+        self._preferred_leader: ServerConfig | None = None
+        self._last_hand_over = 0.0
         self._sync: SyncObj | None = None
         self._partner_nodes: tuple[Any, ...] = ()
         self._lock_file: IO[bytes] | None = None
@@ -563,3 +567,21 @@ class ReplicatedRegistry:
             sync.isReady(),
             getattr(sync, "_SyncObj__noopIDx", None),
         )
+        preferred = self._preferred_leader
+        if preferred is not None and self._tick[1]:
+            self._hand_over(sync, preferred)
+
+    def prefer_leader(self, server_id: str | None) -> None:
+        """Ask that `server_id` lead Raft when it can: the Fast Bully coordinator submits every registry
+        command, and a coordinator that also leads saves a round trip on each (thread-safe)."""
+        self._preferred_leader = None if server_id in (None, self.server_id) else self.config.server(server_id)
+
+    def _hand_over(self, sync: SyncObj, preferred: ServerConfig) -> None:
+        """PySyncObj's thread, while leading: hand leadership to the preferred server (Raft TimeoutNow),
+        at most once per interval; PySyncObj refuses while that server's log is behind."""
+        now = time.monotonic()
+        if now - self._last_hand_over < self.timings.leader_hand_over_interval_s:
+            return
+        self._last_hand_over = now
+        log.info("%s: handing Raft leadership to %s", self.server_id, preferred.server_id)
+        sync.transferLeadership(preferred.raft_address)

@@ -294,3 +294,21 @@ def test_commands_submitted_in_one_loop_turn_share_a_log_entry_and_keep_their_or
     # In submission order: the first claim of each name wins, every later one is refused.
     assert [r.ok for r in results] == [i < 10 for i in range(100)]
     assert registry.applied_commands() == 101
+
+
+def test_raft_leadership_moves_to_the_preferred_server(tmp_path: Path, registries) -> None:
+    config = make_config(tmp_path, 3)
+    nodes = [ReplicatedRegistry(config, f"s{i}", tmp_path / f"d{i}", SECRET) for i in (1, 2, 3)]
+    for node in nodes:
+        start(registries, node)
+    wait_for(lambda: all(n.is_ready() and n.has_quorum() for n in nodes))
+    leader = next(n for n in nodes if n.raft_status()["is_leader"])
+    target = next(n for n in nodes if n is not leader)
+    for node in nodes:
+        node.prefer_leader(target.server_id)
+    wait_for(lambda: all(n.raft_status()["leader"] == target.server_id for n in nodes), timeout=10)
+
+    async def commit() -> rs.Result:
+        return await leader.submit(rs.ServerUp("u", "s1", 1), 2.0)
+
+    assert asyncio.run(commit()).ok  # the old leader still commits, through the new one
