@@ -29,7 +29,7 @@ browser:
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m mypy cluster registry bully node client run_cluster.py
+	$(PY) -m mypy cluster registry bully node client bench run_cluster.py
 
 check: lint test
 

@@ -15,9 +15,6 @@ next round. Prints a table and writes JSON. Target on loopback: median <= 1 s, m
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -27,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import machine_info, write_report
 from tests.fault.invariants import Clients, now, probe_login
 from tests.support import Cluster
 
@@ -164,14 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": command,
         "taken_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_info(),
         "target": {"median_s": TARGET_MEDIAN_S, "max_s": TARGET_MAX_S},
         "rows": rows,
         "duration_s": time.monotonic() - started,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(args.out, report)
     print(f"\nwritten {out} in {report['duration_s']:.0f} s", file=sys.stderr)
     return 0
 

@@ -10,9 +10,6 @@ applied result. Also measures what one journal append costs in isolation. Prints
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,6 +19,7 @@ from typing import Any
 
 from pysyncobj.journal import FileJournal
 
+from bench.common import machine_info, write_report
 from registry import state as rs
 from tests.integration.registry_node import RegistryNodes
 
@@ -173,15 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python -m bench.registry" + (" --quick" if args.quick else ""),
         "taken_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_info(),
         "rows": rows,
         "journal_append": append,
         "journal_cost": costs,
         "duration_s": time.monotonic() - started,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(args.out, report)
     print(f"\nwritten {out} in {report['duration_s']:.0f} s", file=sys.stderr)
     return 0
 
