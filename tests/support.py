@@ -148,11 +148,14 @@ def http_json(url: str, timeout: float = 1.0) -> dict:
 class Cluster:
     """N chat servers started exactly as users start them (`python -m node --config ... --id ...`)."""
 
-    def __init__(self, root: Path, count: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, count: int, env: dict[str, str] | None = None, config_path: Path | None = None
+    ) -> None:
+        """`count` servers on free loopback ports, or the servers of `config_path` when given."""
         from cluster.config import load_config
 
         self.root = root
-        self.config_path = write_config(root, count)
+        self.config_path = config_path or write_config(root, count)
         self.config = load_config(self.config_path)
         self.procs = Processes()
         self.env = {"CHATMESH_SECRET": TEST_SECRET, "CHATMESH_ADMIN_TOKEN": TEST_ADMIN_TOKEN}
@@ -164,10 +167,15 @@ class Cluster:
     def ids(self) -> list[str]:
         return list(self.config.ids)
 
+    def command_prefix(self, server_id: str) -> list[str]:
+        """What runs in front of `python -m node` (e.g. `ip netns exec NS` in the partition lab)."""
+        return []
+
     def start(self, server_id: str) -> None:
         self.procs.kill(server_id)
         self.stopped.discard(server_id)
         args = [
+            *self.command_prefix(server_id),
             PYTHON,
             "-m",
             "node",

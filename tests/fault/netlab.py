@@ -401,34 +401,10 @@ def lab_cluster(root: Path, spec: LabSpec, env: dict[str, str] | None = None) ->
 
     class LabCluster(Cluster):
         def __init__(self) -> None:
-            from cluster.config import load_config
-            from tests.support import TEST_ADMIN_TOKEN, TEST_SECRET, Processes
-
-            self.root = root
+            super().__init__(root, len(spec.servers), env, config_path=write_lab_config(root, spec))
             self.lab = NetLab(spec)
-            self.config_path = write_lab_config(root, spec)
-            self.config = load_config(self.config_path)
-            self.procs = Processes()
-            self.env = {"CHATMESH_SECRET": TEST_SECRET, "CHATMESH_ADMIN_TOKEN": TEST_ADMIN_TOKEN, **(env or {})}
-            self.stopped: set[str] = set()
 
-        def start(self, server_id: str) -> None:
-            from tests.support import PYTHON
-
-            self.procs.kill(server_id)
-            self.stopped.discard(server_id)
-            args = [
-                *self.lab.exec_prefix(server_id),
-                PYTHON,
-                "-m",
-                "node",
-                "--config",
-                str(self.config_path),
-                "--id",
-                server_id,
-                "--data-dir",
-                str(self.root / "data" / server_id),
-            ]
-            self.procs.start(server_id, args, self.root, env=self.env)
+        def command_prefix(self, server_id: str) -> list[str]:
+            return self.lab.exec_prefix(server_id)
 
     return LabCluster()
