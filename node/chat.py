@@ -408,6 +408,13 @@ class ChatCore:
                 out.append(Send(s.conn, wire.roomchange(s.identity, s.room.room_id, "")))
                 if release:
                     out.append(ReleaseIdentity(s.identity))
+            else:
+                # A login still waiting for the cluster gets its negative answer before the close.
+                match self._inflight.get(s.conn):
+                    case ClaimIdentity():
+                        out.append(Send(s.conn, wire.newidentity_reply(False)))
+                    case CompleteMove():
+                        out.append(Send(s.conn, wire.serverchange(False, self.server_id)))
             out.append(Close(s.conn))
         self._sessions.clear()
         self._by_identity.clear()

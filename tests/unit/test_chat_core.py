@@ -757,3 +757,22 @@ def test_connection_ids_are_never_reused(d: Driver) -> None:
     d.core.connect(ConnId(99))
     with pytest.raises(AssertionError):
         d.core.connect(ConnId(99))
+
+
+def test_end_all_answers_a_login_still_waiting_for_the_cluster_before_closing() -> None:
+    from node.chat import ChatCore, ClaimIdentity, Close, CompleteMove, Send
+    from tests.unit.test_chat_support import SERVER, FakeView
+
+    core = ChatCore(SERVER, FakeView())
+    core.connect(ConnId(1))
+    core.connect(ConnId(2))
+    assert isinstance(core.receive(ConnId(1), b'{"type":"newidentity","identity":"alice"}')[0], ClaimIdentity)
+    move = b'{"type":"movejoin","identity":"bob","former":"MainHall-s2","roomid":"r"}'
+    assert isinstance(core.receive(ConnId(2), move)[0], CompleteMove)
+    effects = core.end_all(release=False)
+    assert effects == [
+        Send(ConnId(1), {"type": "newidentity", "approved": "false"}),
+        Close(ConnId(1)),
+        Send(ConnId(2), {"type": "serverchange", "approved": "false", "serverid": SERVER}),
+        Close(ConnId(2)),
+    ]
