@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
 from bully.transport import Transport
 from cluster.config import ClusterConfig
@@ -29,6 +30,7 @@ from node.coordinator import (
     CoordinatorService,
 )
 from node.limits import Limits
+from node.stall import StallGuard
 from node.status import EventLog
 from registry import state as rs
 from registry.replicated import RegistryUnavailable, ReplicatedRegistry
@@ -45,6 +47,12 @@ ANNOUNCE_TIMEOUT_S = 2.0
 SHUTDOWN_TIMEOUT_S = 5.0
 # Admin actions wait this long for the loop.
 ADMIN_ACTION_TIMEOUT_S = 10.0
+# The stall watchdog ticks this often; a longer gap closes client input until a registry barrier commits.
+STALL_TICK_S = 0.05
+RETRY_AFTER_STALL_S = 0.1
+# Below the failure timeout by two heartbeats: no peer can have declared this server down after a shorter
+# stall than this, so shorter ones need no check.
+STALL_THRESHOLD_S = ElectionTimings().suspect_after_s - 2 * ElectionTimings().heartbeat_interval_s
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class Node:
         self.serving = False
         self.started_at = 0.0
         self._background: set[asyncio.Task[Any]] = set()
+        self._rejoining = False
         self.events = EventLog()
         self.snapshot_lists_key: tuple[int, int] | None = None
 
@@ -108,8 +117,14 @@ class Node:
         self.directory = ClusterDirectory(
             self.config, self.server_id, self.incarnation, self.registry, self.election, self.transport, self.service
         )
+        self.stall_guard = StallGuard(STALL_THRESHOLD_S, self._on_stall)
         self.chat = ChatServer(
-            self.server_id, self.directory, self.me.host, self.me.clients_port, self.options.limits
+            self.server_id,
+            self.directory,
+            self.me.host,
+            self.me.clients_port,
+            self.options.limits,
+            stall_guard=self.stall_guard,
         )
         self.snapshots = SnapshotBox()
         admin_server = None
@@ -150,6 +165,7 @@ class Node:
                 tasks.create_task(self._reconcile_loop())
                 tasks.create_task(self._membership_loop())
                 tasks.create_task(self._snapshot_loop())
+                tasks.create_task(self._stall_watchdog())
                 await self._stop.wait()
                 log.info("%s stopping", self.server_id)
                 await self._shutdown()
@@ -237,6 +253,7 @@ class Node:
 
     def _fenced(self) -> None:
         """The cluster declared this incarnation dead and released its clients: start a new life."""
+        self._rejoining = True
         log.warning("%s was declared down by the cluster; disconnecting clients and rejoining", self.server_id)
         self.incarnation = new_incarnation()
         self.directory.incarnation = self.incarnation
@@ -245,8 +262,40 @@ class Node:
         self._spawn(self._rejoin())
 
     async def _rejoin(self) -> None:
-        await self.chat.disconnect_all()
+        self._rejoining = True
+        try:
+            await self.chat.disconnect_all()
+        finally:
+            self._rejoining = False
+            self.stall_guard.reopen()
         await self._announce()
+
+    async def _stall_watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(STALL_TICK_S)
+            self.stall_guard.tick(self.loop.time())
+
+    def _on_stall(self, gap_s: float) -> None:
+        log.warning("%s stalled for %.2fs: holding client input until the registry confirms it", self.server_id, gap_s)
+        self.events.record(time.time(), f"{self.server_id} stalled {gap_s:.1f}s")
+        self._spawn(self._confirm_after_stall())
+
+    async def _confirm_after_stall(self) -> None:
+        """Commit a barrier: once applied here, so is any "server down" for this server (which fences it and
+        disconnects its clients before the gate reopens)."""
+        attempts = 0
+        while not self._stop.is_set():
+            attempts += 1
+            try:
+                await self.registry.submit(rs.Barrier(self.directory.next_request_id()), ANNOUNCE_TIMEOUT_S)
+            except RegistryUnavailable as exc:
+                if attempts % 5 == 1:
+                    log.warning("%s: cannot confirm after the stall yet (%s); client input waits", self.server_id, exc)
+                await asyncio.sleep(RETRY_AFTER_STALL_S)
+                continue
+            if not self._rejoining:
+                self.stall_guard.reopen()
+            return
 
     async def _undo(self, command: rs.Command) -> None:
         if isinstance(command, rs.ClaimIdentity | rs.CompleteMove) and command.identity not in set(

@@ -58,6 +58,7 @@ from node.chat import (
 )
 from node.directory import Directory
 from node.limits import Limits, RateLimiter, Verdict
+from node.stall import StallGuard
 
 log = logging.getLogger("chatmesh.server")
 
@@ -129,6 +130,7 @@ class ChatServer:
         *,
         directory_timeout_s: float = DIRECTORY_TIMEOUT_S,
         metrics_hook: MetricsHook | None = None,
+        stall_guard: StallGuard | None = None,
     ) -> None:
         self.server_id = server_id
         self.directory = directory
@@ -137,6 +139,7 @@ class ChatServer:
         self.limits = limits if limits is not None else Limits()
         self.directory_timeout_s = directory_timeout_s
         self.metrics_hook = metrics_hook
+        self.stall_guard = stall_guard
         self.core = ChatCore(server_id, directory, self.limits.max_queued_lines)
         self.counters: Counter[str] = Counter()
         self._conns: dict[ConnId, _Conn] = {}
@@ -392,6 +395,9 @@ class ChatServer:
                 data = await reader.read(READ_CHUNK_BYTES)
             except (ConnectionError, OSError):
                 break
+            guard = self.stall_guard
+            if guard is not None and not guard.check(loop.time()):
+                await guard.wait_open()  # this server stalled: input waits until it knows it is still live
             if not data or self._conns.get(cid) is not conn:
                 break
             too_long = False

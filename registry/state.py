@@ -135,6 +135,14 @@ class ServerDown:
     incarnation: int
 
 
+@dataclass(frozen=True, slots=True)
+class Barrier:
+    """Changes nothing. A server that committed one has applied every entry before it: after a stall it
+    proves the replica is current (a "server down" for this server, say, has been seen)."""
+
+    request_id: str
+
+
 Command = (
     ClaimIdentity
     | ReleaseIdentity
@@ -145,6 +153,7 @@ Command = (
     | DeleteRoom
     | ServerUp
     | ServerDown
+    | Barrier
 )
 
 COMMAND_TYPES: tuple[type, ...] = (
@@ -157,6 +166,7 @@ COMMAND_TYPES: tuple[type, ...] = (
     DeleteRoom,
     ServerUp,
     ServerDown,
+    Barrier,
 )
 
 
@@ -263,6 +273,8 @@ class RegistryState:
                 return self._server_up(command)
             case ServerDown():
                 return self._server_down(command)
+            case Barrier():
+                return OK
             case _:
                 # Unpickled from a log written by other code: refuse rather than crash every replica.
                 if isinstance(command, COMMAND_TYPES):

@@ -10,6 +10,7 @@ import pytest
 
 from registry.state import (
     MAX_REMEMBERED_REQUESTS,
+    Barrier,
     BeginMove,
     ClaimIdentity,
     CompleteMove,
@@ -427,3 +428,13 @@ def test_to_dict_round_trips_through_json_and_pickle(state: RegistryState) -> No
     # The copy behaves identically, request memory included.
     assert copy.apply(ClaimIdentity("again", "carol", "s1", 1)) == state.apply(ClaimIdentity("again", "carol", "s1", 1))
     assert copy == state
+
+
+def test_a_barrier_changes_nothing_and_succeeds() -> None:
+    state = RegistryState()
+    state.apply(ServerUp("u", "s1", 1))
+    before = state.to_dict()
+    assert state.apply(Barrier("b1")).ok
+    after = state.to_dict()
+    for key in ("identities", "rooms", "servers"):
+        assert after[key] == before[key]
