@@ -29,11 +29,11 @@ from bench.common import (
     bench_cluster,
     bench_limits_env,
     default_out,
+    finish_report,
     format_table,
     latency_summary,
     machine_info,
     node_importable,
-    write_report,
 )
 
 CONCURRENT_CLIENTS = 64
@@ -220,11 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             "concurrent_approvals_per_s": TARGET_APPROVALS_PER_S,
         },
         "met": met,
-        "duration_s": time.monotonic() - started,
     }
-    out = write_report(args.out, report)
-    print(f"\nwritten {out} in {report['duration_s']:.0f} s", file=sys.stderr)
-    return 0
+    return finish_report(args.out, report, started)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict, deque
@@ -116,6 +117,15 @@ def machine_info() -> dict[str, Any]:
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def finish_report(path: str | Path, report: dict[str, Any], started: float) -> int:
+    """A bench script's last step: record its duration (since monotonic `started`), write the report,
+    say where; returns the script's exit status."""
+    report["duration_s"] = time.monotonic() - started
+    out = write_report(path, report)
+    print(f"\nwritten {out} in {report['duration_s']:.0f} s", file=sys.stderr)
+    return 0
 
 
 def write_report(path: str | Path, report: dict[str, Any]) -> Path:

@@ -29,6 +29,7 @@ from bench.common import (
     bench_cluster,
     bench_limits_env,
     default_out,
+    finish_report,
     format_table,
     latency_summary,
     machine_info,
@@ -37,7 +38,6 @@ from bench.common import (
     proc_status_kib,
     raise_fd_limit,
     server_pid,
-    write_report,
 )
 
 TARGET_CLIENTS = 10_000
@@ -285,11 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         **result,
         "targets": {"clients": TARGET_CLIENTS, "kib_per_client": TARGET_KIB_PER_CLIENT},
         "met": met,
-        "duration_s": time.monotonic() - started,
     }
-    out = write_report(args.out, report)
-    print(f"\nwritten {out} in {report['duration_s']:.0f} s", file=sys.stderr)
-    return 0
+    return finish_report(args.out, report, started)
 
 
 if __name__ == "__main__":

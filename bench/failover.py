@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine_info, write_report
+from bench.common import finish_report, machine_info
 from tests.fault.invariants import Clients, now, probe_login
 from tests.support import Cluster
 
@@ -165,11 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "target": {"median_s": TARGET_MEDIAN_S, "max_s": TARGET_MAX_S},
         "rows": rows,
-        "duration_s": time.monotonic() - started,
     }
-    out = write_report(args.out, report)
-    print(f"\nwritten {out} in {report['duration_s']:.0f} s", file=sys.stderr)
-    return 0
+    return finish_report(args.out, report, started)
 
 
 if __name__ == "__main__":

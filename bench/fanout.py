@@ -45,13 +45,13 @@ from bench.common import (
     bench_cluster,
     bench_limits_env,
     default_out,
+    finish_report,
     format_table,
     latency_summary,
     machine_info,
     node_importable,
     proc_cpu_s,
     server_pid,
-    write_report,
 )
 
 HOST = "127.0.0.1"
@@ -594,11 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         "all_rounds": runs,
         "targets": {"ratio": TARGET_RATIO, "p99_ms_at_80pct": TARGET_P99_MS},
         "met": met,
-        "duration_s": time.monotonic() - started,
     }
-    out = write_report(args.out, report)
-    print(f"\nwritten {out} in {report['duration_s']:.0f} s", file=sys.stderr)
-    return 0
+    return finish_report(args.out, report, started)
 
 
 if __name__ == "__main__":

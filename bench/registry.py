@@ -19,7 +19,7 @@ from typing import Any
 
 from pysyncobj.journal import FileJournal
 
-from bench.common import machine_info, write_report
+from bench.common import finish_report, machine_info
 from registry import state as rs
 from tests.integration.registry_node import RegistryNodes
 
@@ -175,11 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "journal_append": append,
         "journal_cost": costs,
-        "duration_s": time.monotonic() - started,
     }
-    out = write_report(args.out, report)
-    print(f"\nwritten {out} in {report['duration_s']:.0f} s", file=sys.stderr)
-    return 0
+    return finish_report(args.out, report, started)
 
 
 if __name__ == "__main__":
