@@ -22,6 +22,7 @@ from bully.runtime import ElectionRuntime
 from bully.transport import Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
+from node.admin import create_app, serve_admin
 from node.coordinator import (
     RECONCILE_INTERVAL_S,
     REQUEST_KIND,
@@ -30,8 +31,10 @@ from node.coordinator import (
     CoordinatorService,
 )
 from node.limits import Limits
+from node.server import ChatServer
+from node.snapshot import build_snapshot
 from node.stall import StallGuard
-from node.status import EventLog
+from node.status import EventLog, SnapshotBox
 from registry import state as rs
 from registry.replicated import RegistryUnavailable, ReplicatedRegistry
 
@@ -90,10 +93,6 @@ class Node:
     # -- lifetime ------------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        from node.admin import create_app, serve_admin
-        from node.server import ChatServer
-        from node.status import SnapshotBox
-
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.started_at = loop.time()
@@ -376,8 +375,6 @@ class Node:
             self.publish_snapshot()
 
     def publish_snapshot(self) -> None:
-        from node.snapshot import build_snapshot
-
         self.snapshots.publish(build_snapshot(self, self.snapshots.get()))
 
 
