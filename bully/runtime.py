@@ -20,12 +20,15 @@ from typing import Any, Literal
 from bully.election import Broadcast, CoordinatorChanged, Effect, ElectionTimings, FastBully, Send
 from bully.failure_detector import FailureDetector, PeerDown, PeerEvent, PeerUp
 from bully.messages import ELECTION_KINDS, Heartbeat, ProtocolError, from_wire, to_wire
-from bully.transport import Transport
+from bully.transport import LinkEvent, Transport
 from cluster.config import ClusterConfig
 
 log = logging.getLogger("chatmesh.election")
 
 RECENT_EVENTS = 100
+# A timer firing later than this is the loop's lateness, credited to every peer's silence; below it, it is
+# the loop's ordinary scheduling noise.
+TIMER_SLACK_S = 0.005
 
 Role = Literal["coordinator", "member", "electing"]
 
@@ -40,7 +43,7 @@ class ElectionRuntime:
         incarnation: int,
         timings: ElectionTimings | None = None,
         on_coordinator_change: Callable[[str | None], None] | None = None,
-        on_peer_down: Callable[[str, int], None] | None = None,
+        on_peer_down: Callable[[str, int, bool], None] | None = None,
         on_peer_up: Callable[[str, int], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -56,7 +59,11 @@ class ElectionRuntime:
         priorities: dict[str, int] = {s.server_id: s.priority for s in config.servers}
         self._core = FastBully(self_id, priorities, self.timings, can_lead, rng or random.Random())
         self._detector = FailureDetector(
-            [p for p in priorities if p != self_id], self.timings.heartbeat_interval_s, self.timings.suspect_after_s
+            [p for p in priorities if p != self_id],
+            self.timings.heartbeat_interval_s,
+            self.timings.suspect_after_s,
+            suspect_gap_factor=self.timings.suspect_gap_factor,
+            suspect_max_s=self.timings.suspect_max_s,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -72,6 +79,7 @@ class ElectionRuntime:
         self._loop = asyncio.get_running_loop()
         self._running = True
         self.transport.on_notify(self._on_notify)
+        self.transport.on_link_event(self._on_link_event)
         now = self._loop.time()
         self._event("starting: IamUp sent")
         self._apply(self._core.start(now))
@@ -152,12 +160,27 @@ class ElectionRuntime:
         self._apply(self._core.receive(sender, message, now))
         self._rearm()
 
+    def _on_link_event(self, peer: str, event: LinkEvent) -> None:
+        """The transport's evidence: our connection to `peer` ended, or a reconnect was refused."""
+        if not self._running or self._loop is None:
+            return
+        now = self._loop.time()
+        if event == "lost":
+            self._detector.connection_lost(peer, now)
+        else:
+            self._detector.reconnect_refused(peer, now)
+        self._peer_events(self._detector.check(now), now)
+        self._rearm()
+
     def _on_timer(self) -> None:
+        scheduled = self._timer_at
         self._timer = None
         self._timer_at = None
         if not self._running or self._loop is None:
             return
         now = self._loop.time()
+        if scheduled is not None:
+            self._detector.observer_late(now - scheduled - TIMER_SLACK_S)
         if now >= self._next_heartbeat:
             self._send_heartbeat()
             self._next_heartbeat += self.timings.heartbeat_interval_s
@@ -191,10 +214,10 @@ class ElectionRuntime:
     def _peer_events(self, events: list[PeerEvent], now: float) -> None:
         for event in events:
             match event:
-                case PeerDown(peer, incarnation):
-                    self._event(f"{peer} down (incarnation {incarnation})")
+                case PeerDown(peer, incarnation, certain):
+                    self._event(f"{peer} down (incarnation {incarnation}, {'gone' if certain else 'silent'})")
                     self._apply(self._core.peer_failed(peer, now))
-                    self._callback(self._on_peer_down, peer, incarnation)
+                    self._callback(self._on_peer_down, peer, incarnation, certain)
                 case PeerUp(peer, incarnation):
                     self._event(f"{peer} up (incarnation {incarnation})")
                     self._apply(self._core.peer_recovered(peer, now))
