@@ -259,7 +259,7 @@ class Node:
         self._membership_wake.set()
         # The top survivor replaces a dead Raft leader at once, without the random election timeout; the
         # others wait for it (several candidates at once would split the vote).
-        if self.registry.status().leader == peer and self._top_survivor():
+        if self.registry.status().leader in (peer, None) and self._top_survivor():
             self.registry.leader_is_gone(peer)
         self.publish_snapshot()
 

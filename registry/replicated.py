@@ -50,6 +50,7 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.journal import FileJournal
 
 from cluster.config import ClusterConfig, ServerConfig
+from cluster.timings import ClusterTimings
 from registry.client import MAX_IN_FLIGHT, CommitBridge, RegistryUnavailable
 from registry.state import Command, IdentityEntry, RegistryState, Result, RoomEntry
 
@@ -101,6 +102,10 @@ _rewrite_filter = _RewriteFilter()
 logging.getLogger("pysyncobj.syncobj").addFilter(_rewrite_filter)
 
 
+# The Raft timings' defaults come from the one table of timings (cluster/timings.py).
+_DEFAULTS = ClusterTimings()
+
+
 @dataclass(frozen=True, slots=True)
 class RaftTimings:
     """Every PySyncObj timing in one place. Defaults favour latency on a LAN/loopback.
@@ -113,29 +118,29 @@ class RaftTimings:
     # Send each command to the followers at once instead of once per append-entries period.
     append_entries_use_batch: bool = False
     # Leader heartbeat; an election timeout must exceed 3 periods (PySyncObj checks).
-    append_entries_period_s: float = 0.05
-    # A follower that hears no leader for a random time in [min, max] starts an election. Wide enough
-    # that a loaded 2-core test machine does not cause spurious elections, short enough to fail over in ~1 s.
-    raft_min_timeout_s: float = 0.5
-    raft_max_timeout_s: float = 1.0
+    append_entries_period_s: float = _DEFAULTS.raft_append_entries_period_s
+    # A follower that hears no leader for a random time in [min, max] starts an election: the fallback, see
+    # cluster/timings.py (a leader declared down is replaced at once through `leader_is_gone`).
+    raft_min_timeout_s: float = _DEFAULTS.raft_min_timeout_s
+    raft_max_timeout_s: float = _DEFAULTS.raft_max_timeout_s
     # A connection that delivered nothing for this long is dropped (>= raft_max_timeout_s).
-    connection_timeout_s: float = 2.0
+    connection_timeout_s: float = _DEFAULTS.raft_connection_timeout_s
     # How soon a dropped or refused connection is retried (PySyncObj: 5 s).
-    connection_retry_s: float = 0.5
+    connection_retry_s: float = _DEFAULTS.raft_connection_retry_s
     # A leader that heard from no majority for this long steps down (PySyncObj: 30 s).
-    leader_fallback_timeout_s: float = 2.0
+    leader_fallback_timeout_s: float = _DEFAULTS.raft_leader_fallback_timeout_s
     # Longest sleep of PySyncObj's tick thread between events (timer resolution for the above).
-    auto_tick_period_s: float = 0.05
+    auto_tick_period_s: float = _DEFAULTS.raft_tick_period_s
     # Binding the Raft port: retry interval and attempts before start() gives up.
     bind_retry_s: float = 0.2
     max_bind_retries: int = 25
     # Default bound for one commit (callers pass their own to submit()).
-    commit_timeout_s: float = 2.0
+    commit_timeout_s: float = _DEFAULTS.commit_timeout_s
     # Compact the log (write the full dump, cut the journal) after this many entries or this long.
     log_compaction_min_entries: int = 5000
     log_compaction_min_time_s: float = 300.0
     # Least time between two attempts to hand leadership to the preferred server (the coordinator).
-    leader_hand_over_interval_s: float = 1.0
+    leader_hand_over_interval_s: float = _DEFAULTS.raft_hand_over_interval_s
     # How long close() waits for PySyncObj's thread to stop.
     close_timeout_s: float = 3.0
 
@@ -238,6 +243,10 @@ class _RegistryLog(SyncObjConsumer):
         log.info("registry state restored from a full dump: %s", self.state.counts())
 
 
+# A message type PySyncObj does not know (it ignores it): keeps idle Raft connections up.
+KEEPALIVE_MESSAGE = "chatmesh-keepalive"
+
+
 class _SyncObj(SyncObj):
     """PySyncObj with the two hooks this adapter needs, both on private state of the pinned version.
 
@@ -259,6 +268,16 @@ class _SyncObj(SyncObj):
 
     def outlive(self, thread: threading.Thread) -> None:
         self._SyncObj__mainThread = thread
+
+    def keep_alive(self) -> None:
+        """Send every partner a message PySyncObj ignores (an unknown type). PySyncObj drops a connection
+        that delivered nothing for `connectionTimeout`, and followers never write to each other between
+        elections: without this their connections are down most of the time, and a candidate's vote
+        request to a follower is lost until the next reconnect (up to `connectionRetryTime`, 0.5 s), which
+        is how a one-round-trip election became a 0.5-1.5 s one. Call it on PySyncObj's thread."""
+        transport = self._SyncObj__transport
+        for node in self.otherNodes:
+            transport.send(node, {"type": KEEPALIVE_MESSAGE})
 
 
 class ReplicatedRegistry:
@@ -295,6 +314,10 @@ class ReplicatedRegistry:
         # A Raft leader (node id) known dead: the tick thread starts an election if it still follows it.
         self._elect_against: str | None = None
         self.fast_elections = 0
+        self._last_keepalive = 0.0
+        # Raft terms this replica moved through (each is an election somewhere) and the last (term, leader).
+        self.raft_terms_seen = 0
+        self._last_term_leader: tuple[int, str | None] = (0, None)
         self._partner_nodes: tuple[Any, ...] = ()
         self._lock_file: IO[bytes] | None = None
         # The last tick's (leader, is_leader, term, commit, applied, leader_commit, synced, noop), see _on_tick.
@@ -594,6 +617,22 @@ class ReplicatedRegistry:
             sync.isReady(),
             getattr(sync, "_SyncObj__noopIDx", None),
         )
+        term, leader_id = self._tick[2], getattr(self._tick[0], "id", None)
+        if (term, leader_id) != self._last_term_leader:
+            if term != self._last_term_leader[0]:
+                self.raft_terms_seen += 1
+            self._last_term_leader = (term, leader_id)
+            log.info(
+                "%s: Raft term %d, leader %s%s",
+                self.server_id,
+                term,
+                self._server_of.get(leader_id, leader_id) if leader_id else None,
+                " (this server)" if self._tick[1] else "",
+            )
+        now = time.monotonic()
+        if now - self._last_keepalive >= self.timings.connection_timeout_s / 4:
+            self._last_keepalive = now
+            sync.keep_alive()
         against, self._elect_against = self._elect_against, None
         if against is not None and not self._tick[1]:
             leader = self._tick[0]
@@ -607,8 +646,8 @@ class ReplicatedRegistry:
             self._hand_over(sync, preferred)
 
     def leader_is_gone(self, server_id: str) -> None:
-        """`server_id`'s process is known dead: if this replica still follows it as Raft leader, start a Raft
-        election at once instead of waiting out the election timeout (thread-safe)."""
+        """`server_id` was declared down: if this replica still follows it as Raft leader (or knows no
+        leader), start a Raft election at once instead of waiting out the election timeout (thread-safe)."""
         sync = self._sync
         if sync is None or self._closed or server_id not in self.config:
             return
