@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 from cluster.config import ConfigError, load_config
+from node import tls
 from node.limits import Limits
+from node.websocket import ORIGINS_ENV
 
 SECRET_ENV = "CHATMESH_SECRET"
 ADMIN_TOKEN_ENV = "CHATMESH_ADMIN_TOKEN"
@@ -51,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin-token-file", help=f"file holding the admin bearer token (else ${ADMIN_TOKEN_ENV})")
     parser.add_argument("--admin-loopback-only", action="store_true", help="serve admin reads to loopback only")
     parser.add_argument("--log-level", default=os.environ.get("CHATMESH_LOG_LEVEL", "INFO"))
+    tls.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         secret = read_secret(SECRET_ENV, args.cluster_secret_file, "cluster secret", required=True)
         token = read_secret(ADMIN_TOKEN_ENV, args.admin_token_file, "admin token", required=False)
         limits = Limits.from_env(os.environ)
+        tls_options = tls.options_from(args, os.environ)
     except (ConfigError, StartupError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         admin_token=token,
         admin_loopback_only=args.admin_loopback_only,
         limits=limits,
+        tls=tls_options,
+        ws_origins=os.environ.get(ORIGINS_ENV, ""),
     )
     node = Node(config, args.id, options)
 
