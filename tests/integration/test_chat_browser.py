@@ -207,7 +207,7 @@ def _story(cluster: Cluster, alice: Any, bob: Any, tmp_path: Path) -> None:
             wait_page(bob, sees("we made it", "Alice"), "Bob to see Alice after both moved")
             print(f"both pages reconnected: Alice on {read(alice)['server']}, Bob on {read(bob)['server']}")
         else:
-            wait_page(bob, lambda p: p["phase"] == "lost" and "someone else" in p["notice"], "Bob told his name is gone")
+            wait_page(bob, lambda p: p["phase"] == "lost" and "someone else" in p["notice"], "Bob told why")
             print(f"Bob's name was taken first; his page says: {read(bob)['notice']}")
     finally:
         if grabber is not None:
