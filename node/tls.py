@@ -87,14 +87,6 @@ def options_from(args: argparse.Namespace, environ: Mapping[str, str]) -> TlsOpt
     return TlsOptions(clients=contexts["clients"], websocket=contexts["ws"], admin=contexts["admin"])
 
 
-def client_context(ca_file: str | None) -> ssl.SSLContext:
-    """For our clients: verify the server against `ca_file`, else the system's trusted CAs."""
-    try:
-        return ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise TlsError(f"cannot use CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
 class AdminTlsProxy:
     """Terminates TLS on `host:port` and relays each connection to `127.0.0.1:backend_port` (waitress)."""
 

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -137,11 +138,12 @@ TEST_SECRET = "chatmesh-test-secret"
 TEST_ADMIN_TOKEN = "chatmesh-test-token"
 
 
-def http_json(url: str, timeout: float = 1.0) -> dict:
+def http_json(url: str, timeout: float = 1.0, context: Any = None) -> dict:
+    """GET a JSON answer; `context` is an ssl.SSLContext for https with a test CA."""
     import json
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
         return json.loads(response.read())
 
 
@@ -188,9 +190,12 @@ class Cluster:
         ]
         self.procs.start(server_id, args, self.root, env=self.env)
 
+    # With admin TLS on (tests/integration/test_tls.py): the client context that trusts the test CA.
+    admin_tls: Any = None
+
     def admin_url(self, server_id: str) -> str:
         s = self.config.server(server_id)
-        return f"http://{s.host}:{s.admin_port}"
+        return f"{'https' if self.admin_tls else 'http'}://{s.host}:{s.admin_port}"
 
     def ws_url(self, server_id: str) -> str:
         s = self.config.server(server_id)
@@ -201,7 +206,7 @@ class Cluster:
         return s.host, s.clients_port
 
     def status(self, server_id: str, timeout: float = 1.0) -> dict:
-        return http_json(self.admin_url(server_id) + "/status", timeout)
+        return http_json(self.admin_url(server_id) + "/status", timeout, self.admin_tls)
 
     def alive(self, server_id: str) -> bool:
         proc = self.procs.procs.get(server_id)
@@ -214,7 +219,7 @@ class Cluster:
         if not self.alive(server_id):
             raise AssertionError(f"{server_id} exited:\n{self.procs.log(server_id)[-3000:]}")
         try:
-            http_json(self.admin_url(server_id) + "/health", 0.5)
+            http_json(self.admin_url(server_id) + "/health", 0.5, self.admin_tls)
             return True
         except Exception:
             return False
@@ -263,10 +268,11 @@ class Cluster:
 
 @contextlib.contextmanager
 def start_cluster(
-    root: Path, count: int, env: dict[str, str] | None = None, timeout: float = 60.0
+    root: Path, count: int, env: dict[str, str] | None = None, timeout: float = 60.0, admin_tls: Any = None
 ) -> Iterator[Cluster]:
     """Start `count` servers, wait until all serve and agree on the highest-priority coordinator."""
     cluster = Cluster(root, count, env)
+    cluster.admin_tls = admin_tls
     try:
         for server_id in cluster.ids:
             cluster.start(server_id)
