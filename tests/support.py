@@ -364,12 +364,13 @@ class ChatClient:
 class WsChatClient:
     """The WebSocket counterpart of `ChatClient` (one JSON message per text frame), blocking, for tests."""
 
-    def __init__(self, url: str, timeout: float = 5.0, origin: str | None = None, ssl: object = None) -> None:
+    def __init__(self, url: str, timeout: float = 5.0, origin: str | None = None, ssl: Any = None) -> None:
         from websockets.sync.client import connect
+        from websockets.typing import Origin
 
         # No proxy from the environment, no compression: the server must serve a plain client.
-        self.ws = connect(url, origin=origin, proxy=None, compression=None, open_timeout=timeout, ssl=ssl,
-                          max_size=None, ping_interval=None).__enter__()  # type: ignore[arg-type]  # fmt: skip
+        self.ws = connect(url, origin=Origin(origin) if origin else None, proxy=None, compression=None,
+                          open_timeout=timeout, ssl=ssl, max_size=None, ping_interval=None).__enter__()  # fmt: skip
         self.timeout = timeout
 
     def send(self, message: dict) -> None:
