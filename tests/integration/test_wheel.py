@@ -68,6 +68,10 @@ def test_the_wheel_installs_and_runs_a_cluster_from_anywhere(tmp_path: Path) -> 
     home.mkdir()
     config = write_config(home, 3)
     env.pop("CHATMESH_SECRET", None)
+    assert "--ws-tls-cert" in run([str(venv / "bin" / "chatmesh-server"), "--help"], home, env)
+    unknown = subprocess.run([str(venv / "bin" / "chatmesh-server"), "--config", str(config), "--id", "s9"], cwd=home,
+                             env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert unknown.returncode == 2 and "'s9' is not in" in unknown.stderr
     lines: list[str] = []
     cluster = subprocess.Popen(
         [str(venv / "bin" / "chatmesh-cluster"), "--config", str(config), "--data-root", str(home / "data"),
