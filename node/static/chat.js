@@ -360,10 +360,12 @@ async function lost(deadServer, reason) {
   let refusedBy = null;
   while (Date.now() < deadline) {
     const source = await refreshServers();
-    const live = state.servers.filter((s) => s.up && s.server_id !== deadServer);
-    const deadStillUp = state.servers.some((s) => s.server_id === deadServer && s.up);
-    if (source && !deadStillUp) {
-      // The cluster has declared the old server down, so its hold on the name is released (or soon is).
+    // Other live servers first; the old one too if it still answers (it may have dropped only us).
+    const live = state.servers.filter((s) => s.up && s.server_id !== deadServer)
+      .concat(state.servers.filter((s) => s.up && s.server_id === deadServer));
+    if (source) {
+      // Once the cluster has declared the old server down, its hold on the name is released: a holder on
+      // another server is someone else.
       const owner = await holder(identity, source);
       if (owner && owner !== deadServer) {
         giveUp(`Cannot take your name back: ${identity} is now used by someone else (on ${owner}). ` +

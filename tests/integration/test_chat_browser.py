@@ -13,8 +13,10 @@ A screenshot becomes docs/chat.png when that file is missing or CHATMESH_UPDATE_
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_dashboard_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS, save_screenshot
-from tests.support import REPO, ChatClient, Cluster, start_cluster, wait_until
+from tests.support import REPO, TEST_ADMIN_TOKEN, ChatClient, Cluster, start_cluster, wait_until
 
 SCREENSHOT = REPO / "docs" / "chat.png"
 # A page reacts within a second on an idle machine; this is for a loaded 2-core CI box.
@@ -242,5 +244,13 @@ def test_a_taken_name_is_refused_plainly_and_the_page_fits_a_phone(browsers: Cal
                 "return m.scrollHeight - m.scrollTop - m.clientHeight < 80"), "the view follows the newest line"
             assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
             save_screenshot(page, tmp_path / "chat-phone.png")
+            # Dropped by its (still living) server, e.g. kicked: the page gets back in under its name there.
+            kick = urllib.request.Request(
+                cluster.admin_url("s1") + "/admin/kick", data=json.dumps({"identity": "Free"}).encode(),
+                headers={"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}, method="POST")  # fmt: skip
+            urllib.request.urlopen(kick, timeout=5).close()
+            wait_page(page, lambda p: "Reconnected to server s1 as Free" in p["notice"], "the page back in")
+            holder.send({"type": "message", "content": "welcome back"})
+            wait_page(page, sees("welcome back", "Taken"), "a line after the reconnection")
         finally:
             holder.close()
