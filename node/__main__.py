@@ -16,7 +16,9 @@ from pathlib import Path
 
 from cluster.config import ConfigError, load_config
 from cluster.timings import ClusterTimings
+from node import tls
 from node.limits import Limits
+from node.websocket import ORIGINS_ENV
 
 SECRET_ENV = "CHATMESH_SECRET"
 ADMIN_TOKEN_ENV = "CHATMESH_ADMIN_TOKEN"
@@ -59,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FIELD=SECONDS",
         help="override one timing of cluster/timings.py (repeatable; after $CHATMESH_TIMING_<FIELD>)",
     )
+    tls.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         token = read_secret(ADMIN_TOKEN_ENV, args.admin_token_file, "admin token", required=False)
         limits = Limits.from_env(os.environ)
         timings = ClusterTimings.from_sources(os.environ, args.timing)
+        tls_options = tls.options_from(args, os.environ)
     except (ConfigError, StartupError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         admin_loopback_only=args.admin_loopback_only,
         limits=limits,
         timings=timings,
+        tls=tls_options,
+        ws_origins=os.environ.get(ORIGINS_ENV, ""),
     )
     node = Node(config, args.id, options)
 

@@ -23,7 +23,7 @@ from bully.transport import Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
-from node.admin import create_app, serve_admin
+from node.admin import Schemes, create_app, serve_admin
 from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService
 from node.limits import Limits
 from node.membership import MembershipPolicy, MembershipView
@@ -32,6 +32,8 @@ from node.server import ChatServer
 from node.snapshot import build_snapshot
 from node.stall import StallGuard
 from node.status import EventLog, SnapshotBox
+from node.tls import AdminTlsProxy, RealPeer, TlsOptions
+from node.websocket import WebSocketListener, chat_origins, ws_url
 from registry import state as rs
 from registry.replicated import RaftTimings, RegistryUnavailable, ReplicatedRegistry
 
@@ -84,6 +86,8 @@ class NodeOptions:
     admin_loopback_only: bool = False
     limits: Limits = field(default_factory=Limits)
     timings: ClusterTimings = field(default_factory=ClusterTimings)
+    tls: TlsOptions = field(default_factory=TlsOptions)
+    ws_origins: str = ""  # extra browser origins allowed on the WebSocket port (CHATMESH_WS_ORIGINS)
 
 
 def new_incarnation() -> int:
@@ -156,28 +160,51 @@ class Node:
             self.me.clients_port,
             self.options.limits,
             stall_guard=self.stall_guard,
+            tls=self.options.tls.clients,
+        )
+        tls = self.options.tls
+        self.websocket = WebSocketListener(
+            self.chat,
+            self.me.host,
+            self.me.ws_port,
+            route_urls={(s.host, s.clients_port): ws_url(s, tls.websocket is not None) for s in self.config.servers},
+            origins=chat_origins(self.config, tls.admin is not None, self.options.ws_origins),
+            tls=tls.websocket,
         )
         self.snapshots = SnapshotBox()
         admin_server = None
+        admin_proxy: AdminTlsProxy | None = None
         status = 0
         try:
             await asyncio.to_thread(self.registry.start)
             await self.transport.start()
             await self.election.start()
             await self.chat.start()
+            await self.websocket.start()
             self.publish_snapshot()
+            schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
             app = create_app(
-                self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only
+                self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only, schemes
             )
-            admin_server = serve_admin(app, self.me.host, self.me.admin_port)
+            if tls.admin is None:
+                admin_server = serve_admin(app, self.me.host, self.me.admin_port)
+            else:  # waitress speaks no TLS: it listens on loopback behind our TLS-terminating relay
+                admin_server = serve_admin(app, "127.0.0.1", 0)
+                admin_proxy = AdminTlsProxy(self.me.host, self.me.admin_port, admin_server.port, tls.admin)
+                app.wsgi_app = RealPeer(app.wsgi_app, admin_proxy.peers)  # type: ignore[method-assign]
+                await admin_proxy.start()
             await self._serve()
         except OSError as exc:
             log.error("%s cannot start: %s", self.server_id, exc)
             print(f"chatmesh {self.server_id}: cannot start: {exc}", flush=True)
             status = 1
         finally:
+            if admin_proxy is not None:
+                await admin_proxy.close()
             if admin_server is not None:
                 admin_server.close()
+            with contextlib.suppress(Exception):
+                await self.websocket.close()
             with contextlib.suppress(Exception):
                 await self.chat.close()
             with contextlib.suppress(Exception):
@@ -234,7 +261,9 @@ class Node:
         self.publish_snapshot()
         print(
             f"chatmesh {self.server_id} ready: clients {self.me.host}:{self.me.clients_port}, "
-            f"admin http://{self.me.host}:{self.me.admin_port}/ (pid {os.getpid()})",
+            f"websocket {ws_url(self.me, self.options.tls.websocket is not None)}, "
+            f"admin {'https' if self.options.tls.admin else 'http'}://{self.me.host}:{self.me.admin_port}/ "
+            f"(pid {os.getpid()})",
             flush=True,
         )
 
