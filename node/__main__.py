@@ -12,13 +12,18 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from cluster.config import ConfigError, load_config
 from node.limits import Limits
 
 SECRET_ENV = "CHATMESH_SECRET"
 ADMIN_TOKEN_ENV = "CHATMESH_ADMIN_TOKEN"
+EVENT_LOOP_ENV = "CHATMESH_EVENT_LOOP"
+# asyncio's own loop, or uvloop's (pip install 'chatmesh[uvloop]'; docs/benchmarks.md has what it changes).
+EVENT_LOOPS = ("asyncio", "uvloop")
 
 
 class StartupError(Exception):
@@ -51,7 +56,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin-token-file", help=f"file holding the admin bearer token (else ${ADMIN_TOKEN_ENV})")
     parser.add_argument("--admin-loopback-only", action="store_true", help="serve admin reads to loopback only")
     parser.add_argument("--log-level", default=os.environ.get("CHATMESH_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--event-loop",
+        default=os.environ.get(EVENT_LOOP_ENV) or "asyncio",
+        help=f"{' or '.join(EVENT_LOOPS)} (default ${EVENT_LOOP_ENV}, else asyncio)",
+    )
     return parser.parse_args(argv)
+
+
+def loop_runner(name: str) -> Callable[[Coroutine[Any, Any, int]], int]:
+    """What runs the server's coroutine: asyncio.run, or uvloop's equivalent."""
+    if name == "asyncio":
+        return asyncio.run
+    if name != "uvloop":
+        raise StartupError(f"unknown event loop {name!r} (known: {', '.join(EVENT_LOOPS)})")
+    try:
+        import uvloop
+    except ImportError:
+        raise StartupError("event loop uvloop is not installed (pip install 'chatmesh[uvloop]')") from None
+    run: Callable[[Coroutine[Any, Any, int]], int] = uvloop.run
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         secret = read_secret(SECRET_ENV, args.cluster_secret_file, "cluster secret", required=True)
         token = read_secret(ADMIN_TOKEN_ENV, args.admin_token_file, "admin token", required=False)
         limits = Limits.from_env(os.environ)
+        run_loop = loop_runner(args.event_loop)
     except (ConfigError, StartupError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2
@@ -93,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return await node.run()
 
     try:
-        return asyncio.run(run())
+        return run_loop(run())
     except StartupError as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2

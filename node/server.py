@@ -32,7 +32,7 @@ import types
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, assert_never
+from typing import Any, assert_never, cast
 
 from cluster.framing import LineDecoder, LineTooLong, encode
 from cluster.names import Identity, RoomId, ServerId
@@ -101,6 +101,12 @@ class ChatSnapshot:
     messages_relayed: int
     deliveries: int
     counters: Mapping[str, int]  # read-only view of a private copy
+
+
+def _write_transport(writer: asyncio.StreamWriter) -> asyncio.WriteTransport:
+    """The writer's transport. uvloop's transports (CHATMESH_EVENT_LOOP=uvloop) are not subclasses of
+    asyncio's classes but offer the same methods, which is all this module uses."""
+    return cast(asyncio.WriteTransport, writer.transport)
 
 
 class _Conn:
@@ -323,8 +329,7 @@ class ChatServer:
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        transport = writer.transport
-        assert isinstance(transport, asyncio.WriteTransport)
+        transport = _write_transport(writer)
         self._readers[task] = transport  # tracked so close() can end it; start_server does not
         conn: _Conn | None = None
         try:
@@ -344,8 +349,7 @@ class ChatServer:
             del self._readers[task]
 
     def _accept(self, writer: asyncio.StreamWriter) -> _Conn | None:
-        transport = writer.transport
-        assert isinstance(transport, asyncio.WriteTransport)
+        transport = _write_transport(writer)
         peer = writer.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ip
