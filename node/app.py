@@ -303,6 +303,10 @@ class Node:
         self.publish_snapshot()
 
     def _on_applied_threadsafe(self, command: rs.Command, result: rs.Result) -> None:
+        # PySyncObj's thread, for every command the cluster commits. Waking the loop costs a self-pipe
+        # write and a loop turn; only our own requests (in doubt?) and a "server down" naming us matter.
+        if not (self.directory.issued_here(command.request_id) or isinstance(command, rs.ServerDown)):
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed during shutdown
             self.loop.call_soon_threadsafe(self._on_applied, command, result)
 

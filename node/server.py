@@ -33,7 +33,7 @@ import types
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, assert_never
+from typing import Any, assert_never, cast
 
 from cluster.framing import LineDecoder, LineTooLong, encode
 from cluster.names import Identity, RoomId, ServerId
@@ -124,6 +124,12 @@ class ChatSnapshot:
     messages_relayed: int
     deliveries: int
     counters: Mapping[str, int]  # read-only view of a private copy
+
+
+def _write_transport(writer: asyncio.StreamWriter) -> asyncio.WriteTransport:
+    """The writer's transport. uvloop's transports (CHATMESH_EVENT_LOOP=uvloop) are not subclasses of
+    asyncio's classes but offer the same methods, which is all this module uses."""
+    return cast(asyncio.WriteTransport, writer.transport)
 
 
 class _Conn:
@@ -346,8 +352,7 @@ class ChatServer:
     # -- connections ---------------------------------------------------------------------------------------
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport = writer.transport
-        assert isinstance(transport, asyncio.WriteTransport)
+        transport = _write_transport(writer)
         await self.serve_connection(transport, writer.get_extra_info("peername"), _line_source(reader, self.limits))
 
     async def serve_connection(self, transport: asyncio.WriteTransport, peer: object, source: LineSource) -> None:

@@ -51,8 +51,9 @@ from pysyncobj.journal import FileJournal
 
 from cluster.config import ClusterConfig, ServerConfig
 from cluster.timings import ClusterTimings
+from registry import raft_wire
 from registry.client import MAX_IN_FLIGHT, CommitBridge, RegistryUnavailable
-from registry.state import Command, IdentityEntry, RegistryState, Result, RoomEntry
+from registry.state import Command, IdentityEntry, RegistryState, ReleaseIdentity, Result, RoomEntry
 
 __all__ = [
     "RaftTimings",
@@ -139,6 +140,10 @@ class RaftTimings:
     # Compact the log (write the full dump, cut the journal) after this many entries or this long.
     log_compaction_min_entries: int = 5000
     log_compaction_min_time_s: float = 300.0
+    # A release (ReleaseIdentity: a client left) waits up to this long for another command to share its log
+    # entry: a user who quits and the next who logs in then cost one commit, not two. Only a quit's close
+    # and a re-login of the same name wait on a release, and no longer than this.
+    release_defer_s: float = 0.005
     # Least time between two attempts to hand leadership to the preferred server (the coordinator).
     leader_hand_over_interval_s: float = _DEFAULTS.raft_hand_over_interval_s
     # How long close() waits for PySyncObj's thread to stop.
@@ -153,6 +158,8 @@ class RaftTimings:
             raise ValueError("leader_fallback_timeout_s must exceed append_entries_period_s")
         if self.log_compaction_min_entries < 2 or min(self.commit_timeout_s, self.auto_tick_period_s) <= 0:
             raise ValueError("log_compaction_min_entries >= 2 and positive periods required")
+        if not 0 <= self.release_defer_s < self.commit_timeout_s:
+            raise ValueError("need 0 <= release_defer_s < commit_timeout_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +315,9 @@ class ReplicatedRegistry:
         self._log = _RegistryLog(self._lock, self._notify)
         self._bridge = CommitBridge(MAX_IN_FLIGHT)
         self._batch: list[tuple[Command, Callable[[object, int], None]]] = []
+        # Releases waiting (release_defer_s at most) to ride along with the next batch.
+        self._deferred: list[tuple[Command, Callable[[object, int], None]]] = []
+        self._defer_timer: asyncio.TimerHandle | None = None
         self._preferred_leader: ServerConfig | None = None
         self._last_hand_over = 0.0
         self._sync: _SyncObj | None = None
@@ -400,6 +410,7 @@ class ReplicatedRegistry:
             raise RuntimeError("start() may be called once")
         if self.journal:
             self._check_data_dir()
+        raft_wire.install()  # no deflate per message (registry/raft_wire.py)
         sync = _SyncObj(self.me.raft_address, self._partners, self.sync_conf(), consumers=[self._log])
         sync.outlive(threading.main_thread())
         self._sync = sync
@@ -439,14 +450,32 @@ class ReplicatedRegistry:
         return await self._bridge.commit(functools.partial(self._enqueue, command), timeout)
 
     def _enqueue(self, command: Command, callback: Callable[[object, int], None]) -> None:
-        """Queue `command` for the batch this loop turn sends (on the loop's thread)."""
+        """Queue `command` for the batch this loop turn sends (on the loop's thread); a release waits a little
+        longer for company (`RaftTimings.release_defer_s`)."""
+        defer_s = self.timings.release_defer_s
+        if defer_s > 0 and type(command) is ReleaseIdentity:
+            self._deferred.append((command, callback))
+            if self._defer_timer is None:
+                self._defer_timer = asyncio.get_running_loop().call_later(defer_s, self._end_deferral)
+            return
         self._batch.append((command, callback))
         if len(self._batch) == 1:
             asyncio.get_running_loop().call_soon(self._send_batch)
 
+    def _end_deferral(self) -> None:
+        self._defer_timer = None
+        if self._deferred and not self._batch and not self._closed:
+            self._send_batch()  # (with a batch queued, its own _send_batch is already on its way)
+
     def _send_batch(self) -> None:
         """Hand the commands submitted in one loop turn to PySyncObj as one log entry: one append per follower
         instead of one per command, which is what bounds commits per second under concurrent requests."""
+        if self._deferred:
+            # Submitted earlier, so first in the entry: a name released and claimed again is free in time.
+            self._batch[:0], self._deferred = self._deferred, []
+            if self._defer_timer is not None:
+                self._defer_timer.cancel()
+                self._defer_timer = None
         batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
         if self._batch:
             asyncio.get_running_loop().call_soon(self._send_batch)
