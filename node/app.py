@@ -19,7 +19,7 @@ from typing import Any
 
 from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
-from bully.transport import Transport
+from bully.transport import TcpTransport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from node.admin import create_app, serve_admin
@@ -100,7 +100,7 @@ class Node:
 
         self.registry = ReplicatedRegistry(self.config, self.server_id, self.options.data_dir, self.options.secret)
         self.registry.add_listener(self._on_applied_threadsafe)
-        self.transport = Transport(self.config, self.server_id, self.options.secret.encode())
+        self.transport = TcpTransport(self.config, self.server_id, self.options.secret.encode())
         self.election = ElectionRuntime(
             self.config,
             self.server_id,
