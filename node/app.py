@@ -13,13 +13,14 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
-from bully.transport import TcpTransport
+from bully.transport import TcpTransport, Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from node.admin import create_app, serve_admin
@@ -29,6 +30,7 @@ from node.coordinator import (
     STARTUP_GRACE_S,
     ClusterDirectory,
     CoordinatorService,
+    Registry,
 )
 from node.limits import Limits
 from node.server import ChatServer
@@ -36,7 +38,7 @@ from node.snapshot import build_snapshot
 from node.stall import StallGuard
 from node.status import EventLog, SnapshotBox
 from registry import state as rs
-from registry.replicated import RegistryUnavailable, ReplicatedRegistry
+from registry.replicated import RaftStatus, RegistryUnavailable, ReplicatedRegistry
 
 log = logging.getLogger("chatmesh.node")
 
@@ -67,13 +69,41 @@ class NodeOptions:
     limits: Limits = field(default_factory=Limits)
 
 
+class NodeRegistry(Registry, Protocol):
+    """What the node needs of its registry replica: `ReplicatedRegistry`, or the simulation's Raft model."""
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def add_listener(self, callback: Callable[[rs.Command, rs.Result], None]) -> None: ...
+    def is_ready(self) -> bool: ...
+    def has_quorum(self) -> bool: ...
+    def servers_up(self) -> dict[str, int]: ...
+    def prefer_leader(self, server_id: str | None) -> None: ...
+    def status(self) -> RaftStatus: ...
+    def counts(self) -> dict[str, int]: ...
+    def applied_commands(self) -> int: ...
+
+
 def new_incarnation() -> int:
     """Milliseconds since the epoch: every restart of a server gets a larger number than the last."""
     return time.time_ns() // 1_000_000
 
 
 class Node:
-    def __init__(self, config: ClusterConfig, server_id: str, options: NodeOptions) -> None:
+    """One server. `registry` and `transport` default to the real ones (PySyncObj, TCP); a simulation passes
+    its own, and `listen=False` keeps the client and admin ports unbound (its clients are handed to
+    `chat.serve_stream` directly)."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        server_id: str,
+        options: NodeOptions,
+        *,
+        registry: NodeRegistry | None = None,
+        transport: Transport | None = None,
+        listen: bool = True,
+    ) -> None:
         self.config = config
         self.server_id = ServerId(server_id)
         self.me = config.server(server_id)
@@ -86,6 +116,11 @@ class Node:
         self._rejoining = False
         self.events = EventLog()
         self.snapshot_lists_key: tuple[int, int] | None = None
+        self.registry: NodeRegistry = registry or ReplicatedRegistry(
+            config, self.server_id, options.data_dir, options.secret
+        )
+        self.transport: Transport = transport or TcpTransport(config, self.server_id, options.secret.encode())
+        self.listen = listen
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -96,11 +131,10 @@ class Node:
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.started_at = loop.time()
-        self.options.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.listen:
+            self.options.data_dir.mkdir(parents=True, exist_ok=True)
 
-        self.registry = ReplicatedRegistry(self.config, self.server_id, self.options.data_dir, self.options.secret)
         self.registry.add_listener(self._on_applied_threadsafe)
-        self.transport = TcpTransport(self.config, self.server_id, self.options.secret.encode())
         self.election = ElectionRuntime(
             self.config,
             self.server_id,
@@ -132,12 +166,16 @@ class Node:
         try:
             await self.transport.start()
             await self.election.start()
-            await self.chat.start()
+            if self.listen:
+                await self.chat.start()
+            else:
+                self.chat.open()
             self.publish_snapshot()
-            app = create_app(
-                self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only
-            )
-            admin_server = serve_admin(app, self.me.host, self.me.admin_port)
+            if self.listen:
+                app = create_app(
+                    self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only
+                )
+                admin_server = serve_admin(app, self.me.host, self.me.admin_port)
             await self._serve()
         except OSError as exc:
             log.error("%s cannot start: %s", self.server_id, exc)
