@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ def new_incarnation() -> int:
 class Node:
     """One server. `registry` and `transport` default to the real ones (PySyncObj, TCP); a simulation passes
     its own, and `listen=False` keeps the client and admin ports unbound (its clients are handed to
-    `chat.serve_stream` directly)."""
+    `chat.serve_stream` directly). `rng` drives the election's timer jitter (seeded in a simulation)."""
 
     def __init__(
         self,
@@ -103,6 +104,7 @@ class Node:
         registry: NodeRegistry | None = None,
         transport: Transport | None = None,
         listen: bool = True,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.server_id = ServerId(server_id)
@@ -121,6 +123,7 @@ class Node:
         )
         self.transport: Transport = transport or TcpTransport(config, self.server_id, options.secret.encode())
         self.listen = listen
+        self.rng = rng or random.Random()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -144,6 +147,7 @@ class Node:
             on_coordinator_change=self._on_coordinator_change,
             on_peer_down=self._on_peer_down,
             on_peer_up=self._on_peer_up,
+            rng=self.rng,
         )
         self.service = CoordinatorService(self.registry, self.election)
         self.transport.on_request(REQUEST_KIND, self.service.handle)
