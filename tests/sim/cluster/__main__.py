@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             results = list(pool.imap_unordered(_run_one, work, chunksize=4))
     else:
         results = [_run_one(w) for w in work]
-    for seed, failure, _digest in sorted(results):
+    for _seed, failure, _digest in sorted(results):
         if failure is not None:
             failures += 1
             first_line = failure.splitlines()[0]

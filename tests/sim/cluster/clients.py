@@ -141,6 +141,7 @@ class SimClient:
         self.pending: Pending | None = None
         self.answers = 0
         self.route: tuple[str, str, str] | None = None  # (server, former, room) while moving
+        self.last_login: tuple[str, str] | None = None  # (server, identity) of the last session
         self._connections = 0
 
     # -- acting -----------------------------------------------------------------------------------------
@@ -153,11 +154,16 @@ class SimClient:
             return
         if self.conn is None:
             servers = [s for s in world.servers_alive()]
-            if not servers or rng.random() < 0.3:
+            if not servers or rng.random() < 0.2:
                 return
-            server = rng.choice(servers)
+            last = self.last_login
+            if last is not None and rng.random() < 0.5 and world.servers[last[0]].alive:
+                # Churn: log in again at once, same name, same server (a client that reconnects).
+                server, name = world.servers[last[0]], last[1]
+            else:
+                server, name = rng.choice(servers), rng.choice(NAMES)
             self._connect(server)
-            self._request("newidentity", rng.choice(NAMES), {"type": "newidentity", "identity": ""})
+            self._request("newidentity", name, {"type": "newidentity", "identity": ""})
             return
         if self.identity is None:
             return
@@ -238,6 +244,7 @@ class SimClient:
             self._answered(f"newidentity {p.detail} {m['approved']}")
             if m["approved"] == "true":
                 self.identity, self.room = p.detail, f"MainHall-{conn.server.server_id}"
+                self.last_login = (conn.server.server_id, p.detail)
         elif kind == "serverchange":
             if p is None or p.kind != "movejoin":
                 return self._unsolicited(m)

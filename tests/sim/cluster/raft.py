@@ -42,6 +42,7 @@ class Entry:
     command: rs.Command
     origin: SimRegistry | None  # the replica whose submit awaits it (None once that life ended)
     key: int  # that submit's key
+    submitter: str  # the server that submitted it
 
 
 @dataclass
@@ -68,7 +69,7 @@ class RaftModel:
     registries: dict[str, SimRegistry] = field(default_factory=dict)
     preferred: dict[str, str | None] = field(default_factory=dict)
     leader_changes: int = 0
-    on_commit: Callable[[rs.Command, rs.Result], None] | None = None
+    on_commit: Callable[[Entry, rs.Result], None] | None = None
     committed: rs.RegistryState = field(default_factory=rs.RegistryState)  # the log's committed prefix
 
     def __post_init__(self) -> None:
@@ -97,7 +98,7 @@ class RaftModel:
                 registry = self.registries.get(sid)
                 if registry is not None and registry.waiting and (sid == leader or self.reachable(sid, leader)):
                     for command, origin, key in registry.waiting:
-                        self.log.append(Entry(self.term, command, origin, key))
+                        self.log.append(Entry(self.term, command, origin, key, sid))
                     registry.waiting.clear()
             holders = [sid for sid in self.component(leader)]
             for sid in holders:
@@ -107,7 +108,7 @@ class RaftModel:
                 for entry in self.log[self.commit :]:
                     result = self.committed.apply(entry.command)
                     if self.on_commit is not None:
-                        self.on_commit(entry.command, result)
+                        self.on_commit(entry, result)
                 self.commit = len(self.log)
             for sid in holders:
                 self.replicas[sid].known_commit = self.commit

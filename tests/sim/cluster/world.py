@@ -48,7 +48,7 @@ from node.server import DIRECTORY_TIMEOUT_S
 from registry import state as rs
 from tests.sim.cluster.clients import SimClient
 from tests.sim.cluster.loop import Clock, Scheduler, SimLoop
-from tests.sim.cluster.raft import TICK_S, RaftModel, SimRegistry, describe
+from tests.sim.cluster.raft import TICK_S, Entry, RaftModel, SimRegistry, describe
 
 # A request is answered within the directory's backstop plus delivery (frozen time excluded).
 ANSWER_BOUND_S = DIRECTORY_TIMEOUT_S + 1.0
@@ -315,8 +315,9 @@ class World:
                 if other != server.server_id:
                     self.fail(f"room {room.room_id} is hosted by {other} and {server.server_id}")
 
-    def _on_commit(self, command: rs.Command, result: rs.Result) -> None:
-        self.log(f"commit {describe(command)} -> {'ok' if result.ok else result.reason}")
+    def _on_commit(self, entry: Entry, result: rs.Result) -> None:
+        command = entry.command
+        self.log(f"commit {describe(command)} from {entry.submitter} -> {'ok' if result.ok else result.reason}")
         if isinstance(command, rs.ServerDown) and result.ok:
             server = self.servers.get(command.server)
             since = self.healthy_since.get(command.server)
