@@ -73,6 +73,10 @@ class ElectionTimings:
 
     heartbeat_interval_s: float = 0.1
     suspect_after_s: float = 0.75
+    # Adaptive suspicion (bully/failure_detector.py): the window stretches to this many times a peer's
+    # recent heartbeat gaps, up to `suspect_max_s`, plus the observer's own lateness.
+    suspect_gap_factor: float = 3.0
+    suspect_max_s: float = 3.0
     answer_timeout_s: float = 0.3
     coordinator_timeout_s: float = 0.3
     max_nominees: int = 2
@@ -83,14 +87,16 @@ class ElectionTimings:
     lead_retry_s: float = 0.2
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_interval_s", "suspect_after_s", "answer_timeout_s", "coordinator_timeout_s",
-                     "nomination_timeout_s", "holdoff_s", "lead_retry_s"):  # fmt: skip
+        for name in ("heartbeat_interval_s", "suspect_after_s", "suspect_max_s", "answer_timeout_s",
+                     "coordinator_timeout_s", "nomination_timeout_s", "holdoff_s", "lead_retry_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_nominees < 1:
             raise ValueError("max_nominees must be at least 1")
         if self.suspect_after_s < 2 * self.heartbeat_interval_s:
             raise ValueError("suspect_after_s must cover at least two heartbeat intervals")
+        if self.suspect_max_s < self.suspect_after_s or self.suspect_gap_factor < 1:
+            raise ValueError("need suspect_max_s >= suspect_after_s and suspect_gap_factor >= 1")
         budget = self.answer_timeout_s + self.max_nominees * self.coordinator_timeout_s
         if not self.nomination_timeout_s > budget:
             raise ValueError(f"T4 ({self.nomination_timeout_s}s) must exceed T2 + k*T3 ({budget}s)")

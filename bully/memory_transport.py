@@ -16,7 +16,8 @@ What the network does to a frame is asked of two hooks, which a simulation overr
 Failures, as the TCP transport shows them to its callers: a request to an unknown server, to a server with
 no transport attached (connection refused), or from a closed transport fails at once with `RequestFailed`;
 when a transport is detached (its process died) every request waiting on it fails at once (the peer reset
-the connection); a request nobody answers fails after its timeout; a handler's exception or a missing
+the connection), and every transport that could reach it reports the link event "lost" and then
+"refused" (the reconnect finds nothing listening), as `TcpTransport` does; a request nobody answers fails after its timeout; a handler's exception or a missing
 handler comes back as `RequestFailed`. Notifications to unreachable or absent servers are dropped.
 """
 
@@ -29,7 +30,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from bully.transport import Complaints, NotifyHandler, RequestFailed, RequestHandler
+from bully.transport import Complaints, LinkEvent, LinkEventHandler, NotifyHandler, RequestFailed, RequestHandler
 
 log = logging.getLogger("chatmesh.transport")
 
@@ -63,7 +64,8 @@ class MemoryNetwork:
         if self.transports.get(transport.self_id) is transport:
             del self.transports[transport.self_id]
         for other in list(self.transports.values()):
-            other.peer_gone(transport.self_id)
+            connected = self._reachable(other.self_id, transport.self_id)
+            other.peer_gone(transport.self_id, connected)
 
     def carry(self, src: MemoryTransport, dst_id: str, frame: Frame) -> bool:
         """Put a frame on the wire; False when nobody listens at `dst_id` (connection refused)."""
@@ -97,6 +99,7 @@ class MemoryTransport:
         self.peers = [p for p in peers if p != self_id]
         self.loop = loop
         self._notify_handlers: list[NotifyHandler] = []
+        self._link_handlers: list[LinkEventHandler] = []
         self._request_handlers: dict[str, RequestHandler] = {}
         self._pending: dict[int, tuple[str, asyncio.Future[Frame]]] = {}
         self._request_ids = itertools.count(1)
@@ -120,6 +123,9 @@ class MemoryTransport:
 
     def on_notify(self, handler: NotifyHandler) -> None:
         self._notify_handlers.append(handler)
+
+    def on_link_event(self, handler: LinkEventHandler) -> None:
+        self._link_handlers.append(handler)
 
     def on_request(self, kind: str, handler: RequestHandler) -> None:
         self._request_handlers[kind] = handler
@@ -156,11 +162,24 @@ class MemoryTransport:
         finally:
             self._pending.pop(request_id, None)
 
-    def peer_gone(self, peer: str) -> None:
+    def peer_gone(self, peer: str, connected: bool) -> None:
+        """`peer`'s process ended; `connected`: our link to it worked, so we see the reset and the refusal."""
         for request_id, (to, future) in list(self._pending.items()):
             if to == peer and not future.done():
                 future.set_exception(RequestFailed(f"connection to {peer} lost"))
                 del self._pending[request_id]
+        if connected and not self._closed and peer in self.peers:
+            self.loop.call_soon(self._link_event, peer, "lost")
+            self.loop.call_soon(self._link_event, peer, "refused")
+
+    def _link_event(self, peer: str, event: LinkEvent) -> None:
+        if self._closed:
+            return
+        for handler in self._link_handlers:
+            try:
+                handler(peer, event)
+            except Exception:
+                log.exception("link event handler failed on %s %s", event, peer)
 
     # -- arrival -----------------------------------------------------------------------------------------------
 

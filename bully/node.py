@@ -17,6 +17,11 @@ Heartbeats: one every `heartbeat_interval_s` from the first `start`, carrying th
 incarnation (the shell replaces it after this server was fenced) and the coordinator followed. After a
 stall the schedule restarts from `now` instead of sending a burst to catch up.
 
+Evidence for the detector besides heartbeats: the shell reports link events (`on_link_event`: our
+connection to a peer was lost, or a reconnect was refused), and with each deadline the time its timer was
+armed for, so the detector credits every peer's silence with the observer's own lateness beyond
+`TIMER_SLACK_S` (bully/failure_detector.py).
+
 Order inside one input: a heartbeat is reported to the detector first, then the detector's verdicts go to
 the core (so a restarted peer is seen down and up again before its message is handled), then the message.
 """
@@ -27,11 +32,16 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
+from bully.transport import LinkEvent
+
 from bully.election import Broadcast, CoordinatorChanged, Effect, ElectionTimings, FastBully, Send
 from bully.failure_detector import FailureDetector, PeerDown, PeerEvent, PeerUp
 from bully.messages import Heartbeat, Message
 
 Output = Effect | PeerEvent
+# A timer firing later than this is the loop's lateness, credited to every peer's silence; below it, it is
+# the loop's ordinary scheduling noise.
+TIMER_SLACK_S = 0.005
 Role = Literal["coordinator", "member", "electing"]
 
 
@@ -75,7 +85,11 @@ class ElectionNode:
         self.incarnation = incarnation
         self.core = core_factory(self_id, dict(priorities), timings, can_lead, rng)
         self.detector = FailureDetector(
-            [p for p in sorted(priorities) if p != self_id], timings.heartbeat_interval_s, timings.suspect_after_s
+            [p for p in sorted(priorities) if p != self_id],
+            timings.heartbeat_interval_s,
+            timings.suspect_after_s,
+            suspect_gap_factor=timings.suspect_gap_factor,
+            suspect_max_s=timings.suspect_max_s,
         )
         self._next_heartbeat: float | None = None
 
@@ -140,7 +154,18 @@ class ElectionNode:
         outputs.extend(self.core.receive(sender, message, now))
         return outputs
 
-    def on_deadline(self, now: float) -> list[Output]:
+    def on_link_event(self, peer: str, event: LinkEvent, now: float) -> list[Output]:
+        """The shell's evidence: our connection to `peer` ended ("lost") or a reconnect was refused."""
+        if event == "lost":
+            self.detector.connection_lost(peer, now)
+        else:
+            self.detector.reconnect_refused(peer, now)
+        return self._verdicts(now)
+
+    def on_deadline(self, now: float, armed_for: float | None = None) -> list[Output]:
+        """The shell's timer fired; `armed_for` is the time it was set for (its lateness is evidence)."""
+        if armed_for is not None:
+            self.detector.observer_late(now - armed_for - TIMER_SLACK_S)
         outputs: list[Output] = []
         if self._next_heartbeat is not None and now >= self._next_heartbeat:
             outputs.append(Broadcast(Heartbeat(self.self_id, self.core.epoch, self.incarnation, self.core.coordinator)))
@@ -160,7 +185,7 @@ class ElectionNode:
         for event in self.detector.check(now):
             outputs.append(event)
             match event:
-                case PeerDown(peer, _):
+                case PeerDown(peer, _, _):
                     outputs.extend(self.core.peer_failed(peer, now))
                 case PeerUp(peer, _):
                     outputs.extend(self.core.peer_recovered(peer, now))

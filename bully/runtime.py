@@ -4,7 +4,9 @@ The runtime only moves messages and time: incoming election notifications are de
 their authenticated sender and handed to the node with the loop's time; the node's outputs are sent or
 passed to the node layer's callbacks; one cancellable `loop.call_at` timer is re-armed after every input to
 the node's next deadline. All election logic, the failure detector and the heartbeat schedule live in the
-pure `bully.node.ElectionNode`, which the simulations drive too. Callbacks into the node layer (coordinator
+pure `bully.node.ElectionNode`, which the simulations drive too. Besides messages and its timer the
+runtime hands the node the transport's link events (connection lost, reconnect refused) and the time its
+timer was armed for (the loop's lateness is evidence for the failure detector). Callbacks into the node layer (coordinator
 change, peer down/up) run on the loop and are shielded: an exception there is logged, never allowed to
 stop the election.
 """
@@ -20,7 +22,7 @@ from typing import Any
 from bully.election import ElectionTimings
 from bully.messages import ELECTION_KINDS, ProtocolError, from_wire, to_wire
 from bully.node import Broadcast, CoordinatorChanged, ElectionNode, Output, PeerDown, PeerUp, Role, Send
-from bully.transport import Transport
+from bully.transport import LinkEvent, Transport
 from cluster.config import ClusterConfig
 
 log = logging.getLogger("chatmesh.election")
@@ -36,7 +38,7 @@ class ElectionRuntime:
         incarnation: int,
         timings: ElectionTimings | None = None,
         on_coordinator_change: Callable[[str | None], None] | None = None,
-        on_peer_down: Callable[[str, int], None] | None = None,
+        on_peer_down: Callable[[str, int, bool], None] | None = None,
         on_peer_up: Callable[[str, int], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -59,6 +61,7 @@ class ElectionRuntime:
         self._loop = asyncio.get_running_loop()
         self._running = True
         self.transport.on_notify(self._on_notify)
+        self.transport.on_link_event(self._on_link_event)
         self._apply(self.node.start(self._loop.time()))
         self._on_timer()
 
@@ -139,12 +142,19 @@ class ElectionRuntime:
         self._apply(self.node.receive(sender, message, self._loop.time()))
         self._rearm()
 
+    def _on_link_event(self, peer: str, event: LinkEvent) -> None:
+        if not self._running or self._loop is None:
+            return
+        self._apply(self.node.on_link_event(peer, event, self._loop.time()))
+        self._rearm()
+
     def _on_timer(self) -> None:
+        armed_for = self._timer_at
         self._timer = None
         self._timer_at = None
         if not self._running or self._loop is None:
             return
-        self._apply(self.node.on_deadline(self._loop.time()))
+        self._apply(self.node.on_deadline(self._loop.time(), armed_for))
         self._rearm()
 
     def _rearm(self) -> None:
@@ -172,9 +182,11 @@ class ElectionRuntime:
                 case CoordinatorChanged(coordinator):
                     log.info("%s: coordinator %s (epoch %d)", self.self_id, coordinator, self.node.epoch)
                     self._callback(self._on_coordinator_change, coordinator)
-                case PeerDown(peer, incarnation):
-                    log.info("%s: %s down (incarnation %d)", self.self_id, peer, incarnation)
-                    self._callback(self._on_peer_down, peer, incarnation)
+                case PeerDown(peer, incarnation, certain):
+                    log.info(
+                        "%s: %s down (incarnation %d, %s)", self.self_id, peer, incarnation, "gone" if certain else "silent"
+                    )
+                    self._callback(self._on_peer_down, peer, incarnation, certain)
                 case PeerUp(peer, incarnation):
                     log.info("%s: %s up (incarnation %d)", self.self_id, peer, incarnation)
                     self._callback(self._on_peer_up, peer, incarnation)

@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from cluster.config import ClusterConfig
 from cluster.framing import MAX_LINE_BYTES, FrameError, LineDecoder, LineTooLong, decode_object, encode
@@ -71,6 +71,10 @@ COMPLAINT_INTERVAL_S = 10.0
 MAX_COMPLAINT_KEYS = 256
 
 NotifyHandler = Callable[[str, dict[str, Any]], None]
+# Evidence about a peer's process for the failure detector: our connection to it ended ("lost"), or a
+# connection attempt was refused ("refused": nothing listens on its port).
+LinkEvent = Literal["lost", "refused"]
+LinkEventHandler = Callable[[str, LinkEvent], None]
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -86,6 +90,7 @@ class Transport(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     def on_notify(self, handler: NotifyHandler) -> None: ...
+    def on_link_event(self, handler: LinkEventHandler) -> None: ...
     def on_request(self, kind: str, handler: RequestHandler) -> None: ...
     def send(self, peer: str, message: dict[str, Any]) -> bool: ...
     def broadcast(self, message: dict[str, Any]) -> None: ...
@@ -293,6 +298,7 @@ class TcpTransport:
             if s.server_id != self_id
         }
         self._notify_handlers: list[NotifyHandler] = []
+        self._link_handlers: list[LinkEventHandler] = []
         self._request_handlers: dict[str, RequestHandler] = {}
         self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._request_ids = itertools.count(1)
@@ -353,6 +359,17 @@ class TcpTransport:
     def on_notify(self, handler: NotifyHandler) -> None:
         """Call `handler(sender, message)` for every notification (several handlers may be registered)."""
         self._notify_handlers.append(handler)
+
+    def on_link_event(self, handler: LinkEventHandler) -> None:
+        """Call `handler(peer, event)` when our connection to a peer ends or a reconnect is refused."""
+        self._link_handlers.append(handler)
+
+    def _link_event(self, peer: str, event: LinkEvent) -> None:
+        for handler in self._link_handlers:
+            try:
+                handler(peer, event)
+            except Exception:
+                log.exception("link event handler failed on %s %s", event, peer)
 
     def on_request(self, kind: str, handler: RequestHandler) -> None:
         """Serve requests whose message has this "kind"; an exception becomes an error reply."""
@@ -465,6 +482,8 @@ class TcpTransport:
                 channel = await self._connect(link)
             except (OSError, TimeoutError, AuthError, FrameError, LineTooLong, asyncio.IncompleteReadError) as exc:
                 link.unreachable = True
+                if isinstance(exc, ConnectionRefusedError) and not self._closing:
+                    self._link_event(link.peer, "refused")
                 self._fail_queue(link, f"unreachable ({exc or type(exc).__name__})")
                 reason = str(exc) or type(exc).__name__
                 self.complain(f"connect:{link.peer}", f"cannot reach {link.peer}: {reason}", logging.INFO)
@@ -484,6 +503,9 @@ class TcpTransport:
                 link.channel = None
                 channel.close()
                 self._fail_requests(channel, f"connection to {link.peer} lost")
+            if not self._closing:
+                self._link_event(link.peer, "lost")
+            # A connection that was stable is retried at once: a refusal then says the peer's process is gone.
             if time.monotonic() - started < STABLE_CONNECTION_S:
                 await self._backoff(link, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)

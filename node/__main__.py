@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from cluster.config import ConfigError, load_config
+from cluster.timings import ClusterTimings
 from node.limits import Limits
 
 SECRET_ENV = "CHATMESH_SECRET"
@@ -51,6 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin-token-file", help=f"file holding the admin bearer token (else ${ADMIN_TOKEN_ENV})")
     parser.add_argument("--admin-loopback-only", action="store_true", help="serve admin reads to loopback only")
     parser.add_argument("--log-level", default=os.environ.get("CHATMESH_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--timing",
+        action="append",
+        default=[],
+        metavar="FIELD=SECONDS",
+        help="override one timing of cluster/timings.py (repeatable; after $CHATMESH_TIMING_<FIELD>)",
+    )
     return parser.parse_args(argv)
 
 
@@ -68,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         secret = read_secret(SECRET_ENV, args.cluster_secret_file, "cluster secret", required=True)
         token = read_secret(ADMIN_TOKEN_ENV, args.admin_token_file, "admin token", required=False)
         limits = Limits.from_env(os.environ)
+        timings = ClusterTimings.from_sources(os.environ, args.timing)
     except (ConfigError, StartupError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2
@@ -83,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         admin_token=token,
         admin_loopback_only=args.admin_loopback_only,
         limits=limits,
+        timings=timings,
     )
     node = Node(config, args.id, options)
 

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,41 +24,58 @@ from bully.runtime import ElectionRuntime
 from bully.transport import TcpTransport, Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
+from cluster.timings import ClusterTimings
 from node.admin import create_app, serve_admin
-from node.coordinator import (
-    RECONCILE_INTERVAL_S,
-    REQUEST_KIND,
-    STARTUP_GRACE_S,
-    ClusterDirectory,
-    CoordinatorService,
-    Registry,
-)
+from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService, Registry
 from node.limits import Limits
+from node.membership import MembershipPolicy, MembershipView
+from node.reconcile import Reconciler
 from node.server import ChatServer
 from node.snapshot import build_snapshot
 from node.stall import StallGuard
 from node.status import EventLog, SnapshotBox
 from registry import state as rs
-from registry.replicated import RaftStatus, RegistryUnavailable, ReplicatedRegistry
+from registry.replicated import RaftStatus, RaftTimings, RegistryUnavailable, ReplicatedRegistry
 
 log = logging.getLogger("chatmesh.node")
 
-# How often the coordinator compares registry membership with the failure detector.
-MEMBERSHIP_INTERVAL_S = 0.1
 # How often the admin snapshot is refreshed (also refreshed on every change).
 SNAPSHOT_INTERVAL_S = 0.25
-# One attempt to commit this server's own "server up"/"server down".
-ANNOUNCE_TIMEOUT_S = 2.0
 # How long a clean stop may spend telling clients and releasing entries.
 SHUTDOWN_TIMEOUT_S = 5.0
 # Admin actions wait this long for the loop.
 ADMIN_ACTION_TIMEOUT_S = 10.0
-# The stall watchdog ticks this often; a longer gap closes client input until a registry barrier commits.
-STALL_TICK_S = 0.05
+# Pause between barrier attempts after a stall (the timings are in cluster/timings.py).
 RETRY_AFTER_STALL_S = 0.1
-# Below the failure timeout by two heartbeats: no peer can have declared this server down after a shorter
-# stall than this, so shorter ones need no check.
-STALL_THRESHOLD_S = ElectionTimings().suspect_after_s - 2 * ElectionTimings().heartbeat_interval_s
+
+
+def election_timings(t: ClusterTimings) -> ElectionTimings:
+    return ElectionTimings(
+        heartbeat_interval_s=t.heartbeat_interval_s,
+        suspect_after_s=t.suspect_after_s,
+        suspect_gap_factor=t.suspect_gap_factor,
+        suspect_max_s=t.suspect_max_s,
+        answer_timeout_s=t.answer_timeout_s,
+        coordinator_timeout_s=t.coordinator_timeout_s,
+        max_nominees=int(t.max_nominees),
+        nomination_timeout_s=t.nomination_timeout_s,
+        holdoff_s=t.holdoff_s,
+        lead_retry_s=t.lead_retry_s,
+    )
+
+
+def raft_timings(t: ClusterTimings) -> RaftTimings:
+    return RaftTimings(
+        append_entries_period_s=t.raft_append_entries_period_s,
+        raft_min_timeout_s=t.raft_min_timeout_s,
+        raft_max_timeout_s=t.raft_max_timeout_s,
+        connection_timeout_s=t.raft_connection_timeout_s,
+        connection_retry_s=t.raft_connection_retry_s,
+        leader_fallback_timeout_s=t.raft_leader_fallback_timeout_s,
+        auto_tick_period_s=t.raft_tick_period_s,
+        commit_timeout_s=t.commit_timeout_s,
+        leader_hand_over_interval_s=t.raft_hand_over_interval_s,
+    )
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,7 @@ class NodeOptions:
     admin_token: str | None = None
     admin_loopback_only: bool = False
     limits: Limits = field(default_factory=Limits)
+    timings: ClusterTimings = field(default_factory=ClusterTimings)
 
 
 class NodeRegistry(Registry, Protocol):
@@ -80,6 +98,7 @@ class NodeRegistry(Registry, Protocol):
     def has_quorum(self) -> bool: ...
     def servers_up(self) -> dict[str, int]: ...
     def prefer_leader(self, server_id: str | None) -> None: ...
+    def leader_is_gone(self, server_id: str) -> None: ...
     def status(self) -> RaftStatus: ...
     def counts(self) -> dict[str, int]: ...
     def applied_commands(self) -> int: ...
@@ -118,8 +137,10 @@ class Node:
         self._rejoining = False
         self.events = EventLog()
         self.snapshot_lists_key: tuple[int, int] | None = None
+        self.timings = options.timings
+        self._membership_wake = asyncio.Event()
         self.registry: NodeRegistry = registry or ReplicatedRegistry(
-            config, self.server_id, options.data_dir, options.secret
+            config, self.server_id, options.data_dir, options.secret, raft_timings(self.timings)
         )
         self.transport: Transport = transport or TcpTransport(config, self.server_id, options.secret.encode())
         self.listen = listen
@@ -134,8 +155,9 @@ class Node:
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.started_at = loop.time()
+        log.info("%s timings: %s", self.server_id, self.timings.describe())
         if self.listen:
-            self.options.data_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
 
         self.registry.add_listener(self._on_applied_threadsafe)
         self.election = ElectionRuntime(
@@ -144,6 +166,7 @@ class Node:
             self.transport,
             can_lead=self._can_lead,
             incarnation=self.incarnation,
+            timings=election_timings(self.timings),
             on_coordinator_change=self._on_coordinator_change,
             on_peer_down=self._on_peer_down,
             on_peer_up=self._on_peer_up,
@@ -152,9 +175,16 @@ class Node:
         self.service = CoordinatorService(self.registry, self.election)
         self.transport.on_request(REQUEST_KIND, self.service.handle)
         self.directory = ClusterDirectory(
-            self.config, self.server_id, self.incarnation, self.registry, self.election, self.transport, self.service
+            self.config,
+            self.server_id,
+            self.incarnation,
+            self.registry,
+            self.election,
+            self.transport,
+            self.service,
+            timings=self.timings,
         )
-        self.stall_guard = StallGuard(STALL_THRESHOLD_S, self._on_stall)
+        self.stall_guard = StallGuard(self.timings.stall_threshold_s, self._on_stall)
         self.chat = ChatServer(
             self.server_id,
             self.directory,
@@ -166,8 +196,8 @@ class Node:
         self.snapshots = SnapshotBox()
         admin_server = None
         status = 0
-        self.registry.start()
         try:
+            await asyncio.to_thread(self.registry.start)
             await self.transport.start()
             await self.election.start()
             if self.listen:
@@ -194,7 +224,7 @@ class Node:
                 await self.election.close()
             with contextlib.suppress(Exception):
                 await self.transport.close()
-            self.registry.close()
+            await asyncio.to_thread(self.registry.close)
         log.info("%s stopped", self.server_id)
         return status
 
@@ -219,9 +249,8 @@ class Node:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.chat.shutdown(), SHUTDOWN_TIMEOUT_S)
         with contextlib.suppress(RegistryUnavailable):
-            await self.registry.submit(
-                rs.ServerDown(self.directory.next_request_id(), self.server_id, self.incarnation), ANNOUNCE_TIMEOUT_S
-            )
+            command = rs.ServerDown(self.directory.next_request_id(), self.server_id, self.incarnation)
+            await self.registry.submit(command, self.timings.announce_timeout_s)
 
     async def _announce(self) -> None:
         """Commit "server up" for this incarnation: a fresh MainHall and nothing stale from a past life."""
@@ -230,7 +259,7 @@ class Node:
             attempts += 1
             command = rs.ServerUp(self.directory.next_request_id(), self.server_id, self.incarnation)
             try:
-                result = await self.registry.submit(command, ANNOUNCE_TIMEOUT_S)
+                result = await self.registry.submit(command, self.timings.announce_timeout_s)
             except RegistryUnavailable as exc:
                 if attempts % 5 == 1:
                     log.warning("%s waiting for a Raft quorum to announce itself (%s)", self.server_id, exc)
@@ -238,7 +267,7 @@ class Node:
             if result.ok:
                 break
             log.error("%s could not announce itself: %s", self.server_id, result.reason)
-            await asyncio.sleep(ANNOUNCE_TIMEOUT_S)
+            await asyncio.sleep(self.timings.announce_timeout_s)
         if self._stop.is_set():
             return
         self.serving = True
@@ -260,13 +289,24 @@ class Node:
             time.time(), f"coordinator is now {coordinator}" if coordinator else "coordinator lost: electing"
         )
         self.directory.coordinator_changed()
+        self._membership_wake.set()
         self.registry.prefer_leader(coordinator)
         self.publish_snapshot()
 
-    def _on_peer_down(self, peer: str, incarnation: int) -> None:
-        log.info("%s: %s is down", self.server_id, peer)
+    def _on_peer_down(self, peer: str, incarnation: int, certain: bool = False) -> None:
+        log.info("%s: %s is down (%s)", self.server_id, peer, "gone" if certain else "silent")
         self.events.record(time.time(), f"{peer} is down")
+        self._membership_wake.set()
+        # The top survivor replaces a dead Raft leader at once, without the random election timeout; the
+        # others wait for it (several candidates at once would split the vote).
+        if self.registry.status().leader == peer and self._top_survivor():
+            self.registry.leader_is_gone(peer)
         self.publish_snapshot()
+
+    def _top_survivor(self) -> bool:
+        up = self.election.servers_up
+        best = min((s for s in self.config.servers if s.server_id in up), key=lambda s: (-s.priority, s.server_id))
+        return best.server_id == self.server_id
 
     def _on_peer_up(self, peer: str, incarnation: int) -> None:
         log.info("%s: %s is up (incarnation %d)", self.server_id, peer, incarnation)
@@ -313,7 +353,7 @@ class Node:
 
     async def _stall_watchdog(self) -> None:
         while True:
-            await asyncio.sleep(STALL_TICK_S)
+            await asyncio.sleep(self.timings.stall_tick_s)
             self.stall_guard.tick(self.loop.time())
 
     def _on_stall(self, gap_s: float) -> None:
@@ -328,7 +368,8 @@ class Node:
         while not self._stop.is_set():
             attempts += 1
             try:
-                await self.registry.submit(rs.Barrier(self.directory.next_request_id()), ANNOUNCE_TIMEOUT_S)
+                barrier = rs.Barrier(self.directory.next_request_id())
+                await self.registry.submit(barrier, self.timings.announce_timeout_s)
             except RegistryUnavailable as exc:
                 if attempts % 5 == 1:
                     log.warning("%s: cannot confirm after the stall yet (%s); client input waits", self.server_id, exc)
@@ -354,62 +395,47 @@ class Node:
     # -- periodic work --------------------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
-        """Release registry entries this server holds that match no live session (no orphans)."""
-        suspects: set[tuple[str, str]] = set()
+        """Release registry entries this server holds that match no live session; `Reconciler` decides."""
+        reconciler = Reconciler()
         while True:
-            await asyncio.sleep(RECONCILE_INTERVAL_S)
+            await asyncio.sleep(self.timings.reconcile_interval_s)
             if not self.serving:
                 continue
-            commands = self.directory.orphans(self.chat.local_identities(), self.chat.local_room_ids(), time.time())
-            # Act only on what was orphaned in two passes in a row: a claim or room that just committed
-            # has its session registered by then.
-            keyed = [(c, (type(c).__name__, getattr(c, "identity", getattr(c, "room_id", "")))) for c in commands]
-            keys = {key for _, key in keyed}
-            for command, key in keyed:  # each command with its own key (a set has no order to zip with)
-                if key in suspects:
-                    log.info("%s: reconciling orphan %s", self.server_id, key)
-                    await self.directory.request(command)
-            suspects = keys
+            orphans = self.directory.orphans(self.chat.local_identities(), self.chat.local_room_ids(), time.time())
+            for orphan in reconciler.review(orphans):
+                log.info("%s: reconciling orphan %s %s", self.server_id, orphan.kind, orphan.name)
+                await self.directory.request(self.directory.release_command(orphan))
 
     async def _membership_loop(self) -> None:
-        """While coordinator: commit "server down" for servers the failure detector sees silent.
-
-        Only while its replica has a Raft quorum and its failure detector has heard a majority of the
-        configuration for the last STARTUP_GRACE_S: a coordinator cut off on a minority side sees everyone
-        else silent, and a declaration it queued would commit once the partition heals and fence the healthy
-        majority (and, just after healing, its links are still reconnecting). An incarnation the failure
-        detector has never heard (a server that has just re-announced itself) also gets STARTUP_GRACE_S
-        before it can be declared down.
-        """
-        majority = len(self.config.ids) // 2 + 1
-        majority_since: float | None = None
-        unheard_since: dict[tuple[str, int], float] = {}
+        """Feed `MembershipPolicy` (node/membership.py) every tick and whenever a peer goes down or the
+        coordinator changes, and commit the "server down" declarations it decides."""
+        policy = MembershipPolicy(
+            self.server_id,
+            len(self.config.ids),
+            self.started_at,
+            self.timings.startup_grace_s,
+            redeclare_after_s=self.timings.announce_timeout_s,
+        )
         while True:
-            await asyncio.sleep(MEMBERSHIP_INTERVAL_S)
-            now = self.loop.time()
-            alive = self.election.servers_up
-            if len(alive) < majority:
-                majority_since = None
-            elif majority_since is None:
-                majority_since = now
-            if not self.election.is_coordinator or now - self.started_at < STARTUP_GRACE_S:
-                continue
-            if majority_since is None or now - majority_since < STARTUP_GRACE_S or not self.registry.has_quorum():
-                continue
-            heard = self.election.peer_incarnations
-            registered = self.registry.servers_up()
-            unheard_since = {key: t for key, t in unheard_since.items() if registered.get(key[0]) == key[1]}
-            for server, incarnation in registered.items():
-                if server == self.server_id or server in alive:
-                    continue
-                if heard.get(server, -1) < incarnation:
-                    first = unheard_since.setdefault((server, incarnation), now)
-                    if now - first < STARTUP_GRACE_S:
-                        continue
-                log.warning("%s: declaring %s down (incarnation %d)", self.server_id, server, incarnation)
-                command = rs.ServerDown(self.directory.next_request_id(), server, incarnation)
-                with contextlib.suppress(RegistryUnavailable):
-                    await self.registry.submit(command, ANNOUNCE_TIMEOUT_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._membership_wake.wait(), self.timings.membership_interval_s)
+            self._membership_wake.clear()
+            view = MembershipView(
+                now=self.loop.time(),
+                is_coordinator=self.election.is_coordinator,
+                alive=self.election.servers_up,
+                heard=self.election.peer_incarnations,
+                registered=self.registry.servers_up(),
+                has_quorum=self.registry.has_quorum(),
+            )
+            for decision in policy.decide(view):
+                log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))
+                command = rs.ServerDown(self.directory.next_request_id(), decision.server, decision.incarnation)
+                self._spawn(self._declare_down(command))
+
+    async def _declare_down(self, command: rs.ServerDown) -> None:
+        with contextlib.suppress(RegistryUnavailable):
+            await self.registry.submit(command, self.timings.announce_timeout_s)
 
     async def _snapshot_loop(self) -> None:
         while True:

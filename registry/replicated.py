@@ -238,6 +238,29 @@ class _RegistryLog(SyncObjConsumer):
         log.info("registry state restored from a full dump: %s", self.state.counts())
 
 
+class _SyncObj(SyncObj):
+    """PySyncObj with the two hooks this adapter needs, both on private state of the pinned version.
+
+    `elect_now()` is what PySyncObj's own TimeoutNow handler does (zero the election deadline) without the
+    leader's message: a follower that knows its leader is dead starts a Raft election at its next tick
+    instead of waiting out a random 0.5-1 s. Call it on PySyncObj's thread (from a tick callback).
+    `wake()` ends the tick thread's current sleep (its pipe notifier; thread-safe).
+    `outlive(thread)`: the tick thread stops once the thread that created the SyncObj ends; tying it to the
+    main thread lets a worker thread run the blocking start (journal load, bind retries) off the loop."""
+
+    def elect_now(self) -> None:
+        self._SyncObj__raftElectionDeadline = 0
+
+    def wake(self) -> None:
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            with contextlib.suppress(OSError):
+                notifier.notify()
+
+    def outlive(self, thread: threading.Thread) -> None:
+        self._SyncObj__mainThread = thread
+
+
 class ReplicatedRegistry:
     """One server's replica of the registry and its PySyncObj node. See the module docstring."""
 
@@ -268,7 +291,10 @@ class ReplicatedRegistry:
         self._batch: list[tuple[Command, Callable[[object, int], None]]] = []
         self._preferred_leader: ServerConfig | None = None
         self._last_hand_over = 0.0
-        self._sync: SyncObj | None = None
+        self._sync: _SyncObj | None = None
+        # A Raft leader (node id) known dead: the tick thread starts an election if it still follows it.
+        self._elect_against: str | None = None
+        self.fast_elections = 0
         self._partner_nodes: tuple[Any, ...] = ()
         self._lock_file: IO[bytes] | None = None
         # The last tick's (leader, is_leader, term, commit, applied, leader_commit, synced, noop), see _on_tick.
@@ -345,13 +371,14 @@ class ReplicatedRegistry:
     def start(self) -> None:
         """Open the data directory, bind the Raft port and start PySyncObj's tick thread.
 
-        Call it from a thread that outlives the registry (the main thread): PySyncObj's thread stops when
-        the thread that created it ends. Raises RegistryDataError or RegistryBindError."""
+        Blocks (journal load, bind retries): servers call it on a worker thread. PySyncObj's thread is tied
+        to the main thread's life. Raises RegistryDataError or RegistryBindError."""
         if self._sync is not None or self._closed:
             raise RuntimeError("start() may be called once")
         if self.journal:
             self._check_data_dir()
-        sync = SyncObj(self.me.raft_address, self._partners, self.sync_conf(), consumers=[self._log])
+        sync = _SyncObj(self.me.raft_address, self._partners, self.sync_conf(), consumers=[self._log])
+        sync.outlive(threading.main_thread())
         self._sync = sync
         self._partner_nodes = tuple(sync.otherNodes)
         sync.addOnTickCallback(self._on_tick)
@@ -567,16 +594,33 @@ class ReplicatedRegistry:
             sync.isReady(),
             getattr(sync, "_SyncObj__noopIDx", None),
         )
+        against, self._elect_against = self._elect_against, None
+        if against is not None and not self._tick[1]:
+            leader = self._tick[0]
+            if leader is None or leader.id == against:
+                log.info("%s: Raft leader %s is gone: starting a Raft election now", self.server_id, against)
+                self.fast_elections += 1
+                sync.elect_now()
+                sync.wake()
         preferred = self._preferred_leader
         if preferred is not None and self._tick[1]:
             self._hand_over(sync, preferred)
+
+    def leader_is_gone(self, server_id: str) -> None:
+        """`server_id`'s process is known dead: if this replica still follows it as Raft leader, start a Raft
+        election at once instead of waiting out the election timeout (thread-safe)."""
+        sync = self._sync
+        if sync is None or self._closed or server_id not in self.config:
+            return
+        self._elect_against = self.config.server(server_id).raft_address
+        sync.wake()
 
     def prefer_leader(self, server_id: str | None) -> None:
         """Ask that `server_id` lead Raft when it can: the Fast Bully coordinator submits every registry
         command, and a coordinator that also leads saves a round trip on each (thread-safe)."""
         self._preferred_leader = None if server_id in (None, self.server_id) else self.config.server(server_id)
 
-    def _hand_over(self, sync: SyncObj, preferred: ServerConfig) -> None:
+    def _hand_over(self, sync: _SyncObj, preferred: ServerConfig) -> None:
         """PySyncObj's thread, while leading: hand leadership to the preferred server (Raft TimeoutNow),
         at most once per interval; PySyncObj refuses while that server's log is behind."""
         now = time.monotonic()

@@ -63,6 +63,15 @@ class SimLoop(asyncio.BaseEventLoop):
         exc = context.get("exception")
         self._on_error(f"{self.name}: {context.get('message')}: {exc!r}")
 
+    def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """No threads in a simulation: the work (a registry start or stop, a mkdir) happens at once."""
+        future: asyncio.Future[Any] = self.create_future()
+        try:
+            future.set_result(func(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
     def next_at(self) -> float:
         """When this loop next has something to run (INF if nothing)."""
         if self._ready:

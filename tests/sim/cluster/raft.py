@@ -260,6 +260,13 @@ class SimRegistry:
     def prefer_leader(self, server_id: str | None) -> None:
         self.model.preferred[self.server_id] = server_id
 
+    def leader_is_gone(self, server_id: str) -> None:
+        """The node knows the Raft leader's process is dead: a Raft election starts at once."""
+        model = self.model
+        if model.leader == server_id and not model.live(server_id):
+            model.leader = None
+            model.leaderless_until = 0.0
+
     # -- status ---------------------------------------------------------------------------------------------
 
     def _leader_reachable(self) -> bool:
