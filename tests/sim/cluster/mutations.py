@@ -1,8 +1,9 @@
 """Bugs this project once fixed, re-introduced on demand, to show the simulation finds them.
 
 Each mutation patches the production code for the length of a `with mutated(name)` block and nothing
-else: the simulation runs the real code with exactly that bug back in. The patched methods are the
-production methods as they were before the fix (from `git log -p node/app.py`), not models of them.
+else: the simulation runs the real code with exactly that bug back in. The patched methods are the pure
+policies (node/reconcile.py, node/membership.py) with the fix taken out again (`git log -p node/app.py`
+shows the loops as they were).
 
 - `reconciler-pairing` (fixed in 6f42e0b): the reconciler zipped its orphan commands with a *set* of their
   keys, so a command was issued when some other command's key had been a suspect in the previous pass:
@@ -18,53 +19,49 @@ production methods as they were before the fix (from `git log -p node/app.py`), 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from unittest import mock
 
-from node import app
-from node.app import Node
-from registry import state as rs
-from registry.replicated import RegistryUnavailable
+from node.membership import DeclareDown, MembershipPolicy, MembershipView
+from node.reconcile import Orphan, Reconciler
 
 
-async def _reconcile_loop_with_pairing_bug(self: Node) -> None:
-    suspects: set[tuple[str, str]] = set()
-    while True:
-        await asyncio.sleep(app.RECONCILE_INTERVAL_S)
-        if not self.serving:
+def _review_with_pairing_bug(self: Reconciler, orphans: Iterable[Orphan]) -> list[Orphan]:
+    """`Reconciler.review` as the loop was before 6f42e0b: each orphan paired with a key from a set."""
+    found = list(orphans)
+    keys = set(found)
+    suspects = set(self._seen)
+    release = [orphan for orphan, key in zip(found, sorted(keys, key=repr), strict=False) if key in suspects]
+    self._seen = {key: 1 for key in keys}
+    return release
+
+
+def _decide_without_quorum_check(self: MembershipPolicy, view: MembershipView) -> list[DeclareDown]:
+    """`MembershipPolicy.decide` as the loop was before 637cc99: rules 3 and 4 (a majority heard for the
+    grace period, a Raft quorum) missing."""
+    now = view.now
+    registered = view.registered
+    self._declared_at = {k: t for k, t in self._declared_at.items() if registered.get(k[0]) == k[1]}
+    if not view.is_coordinator or now - self.started_at < self.grace_s:
+        return []
+    decisions: list[DeclareDown] = []
+    for server in sorted(registered):
+        incarnation = registered[server]
+        if server == self.self_id or server in view.alive:
             continue
-        commands = self.directory.orphans(self.chat.local_identities(), self.chat.local_room_ids(), time.time())
-        keys = {(type(c).__name__, getattr(c, "identity", getattr(c, "room_id", ""))) for c in commands}
-        for command, key in zip(commands, sorted(keys), strict=False):
-            if key in suspects:
-                await self.directory.request(command)
-        suspects = keys
-
-
-async def _membership_loop_without_quorum_check(self: Node) -> None:
-    while True:
-        await asyncio.sleep(app.MEMBERSHIP_INTERVAL_S)
-        if not self.election.is_coordinator or self.loop.time() - self.started_at < app.STARTUP_GRACE_S:
+        key = (server, incarnation)
+        last = self._declared_at.get(key)
+        if last is not None and now - last < self.redeclare_after_s:
             continue
-        alive = self.election.servers_up
-        for server, incarnation in self.registry.servers_up().items():
-            if server == self.server_id or server in alive:
-                continue
-            command = rs.ServerDown(self.directory.next_request_id(), server, incarnation)
-            with contextlib.suppress(RegistryUnavailable):
-                await self.registry.submit(command, app.ANNOUNCE_TIMEOUT_S)
-
-
-def _patch(name: str, replacement: object) -> Callable[[], contextlib.AbstractContextManager[object]]:
-    return lambda: mock.patch.object(Node, name, replacement)
+        self._declared_at[key] = now
+        decisions.append(DeclareDown(server, incarnation))
+    return decisions
 
 
 MUTATIONS: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
-    "reconciler-pairing": _patch("_reconcile_loop", _reconcile_loop_with_pairing_bug),
-    "minority-server-down": _patch("_membership_loop", _membership_loop_without_quorum_check),
+    "reconciler-pairing": lambda: mock.patch.object(Reconciler, "review", _review_with_pairing_bug),
+    "minority-server-down": lambda: mock.patch.object(MembershipPolicy, "decide", _decide_without_quorum_check),
 }
 
 
