@@ -12,19 +12,21 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
+from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
-from bully.transport import Transport
+from bully.transport import TcpTransport, Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
 from node.admin import Schemes, create_app, serve_admin
-from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService
+from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService, Registry
 from node.limits import Limits
 from node.membership import MembershipPolicy, MembershipView
 from node.reconcile import Reconciler
@@ -35,7 +37,7 @@ from node.status import EventLog, SnapshotBox
 from node.tls import AdminTlsProxy, RealPeer, TlsOptions
 from node.websocket import WebSocketListener, chat_origins, ws_url
 from registry import state as rs
-from registry.replicated import RaftTimings, RegistryUnavailable, ReplicatedRegistry
+from registry.replicated import RaftStatus, RaftTimings, RegistryUnavailable, ReplicatedRegistry
 
 log = logging.getLogger("chatmesh.node")
 
@@ -90,13 +92,43 @@ class NodeOptions:
     ws_origins: str = ""  # extra browser origins allowed on the WebSocket port (CHATMESH_WS_ORIGINS)
 
 
+class NodeRegistry(Registry, Protocol):
+    """What the node needs of its registry replica: `ReplicatedRegistry`, or the simulation's Raft model."""
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def add_listener(self, callback: Callable[[rs.Command, rs.Result], None]) -> None: ...
+    def is_ready(self) -> bool: ...
+    def has_quorum(self) -> bool: ...
+    def servers_up(self) -> dict[str, int]: ...
+    def prefer_leader(self, server_id: str | None) -> None: ...
+    def leader_is_gone(self, server_id: str) -> None: ...
+    def status(self) -> RaftStatus: ...
+    def counts(self) -> dict[str, int]: ...
+    def applied_commands(self) -> int: ...
+
+
 def new_incarnation() -> int:
     """Milliseconds since the epoch: every restart of a server gets a larger number than the last."""
     return time.time_ns() // 1_000_000
 
 
 class Node:
-    def __init__(self, config: ClusterConfig, server_id: str, options: NodeOptions) -> None:
+    """One server. `registry` and `transport` default to the real ones (PySyncObj, TCP); a simulation passes
+    its own, and `listen=False` keeps the client and admin ports unbound (its clients are handed to
+    `chat.serve_stream` directly). `rng` drives the election's timer jitter (seeded in a simulation)."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        server_id: str,
+        options: NodeOptions,
+        *,
+        registry: NodeRegistry | None = None,
+        transport: Transport | None = None,
+        listen: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.server_id = ServerId(server_id)
         self.me = config.server(server_id)
@@ -111,6 +143,12 @@ class Node:
         self.snapshot_lists_key: tuple[int, int] | None = None
         self.timings = options.timings
         self._membership_wake = asyncio.Event()
+        self.registry: NodeRegistry = registry or ReplicatedRegistry(
+            config, self.server_id, options.data_dir, options.secret, raft_timings(self.timings)
+        )
+        self.transport: Transport = transport or TcpTransport(config, self.server_id, options.secret.encode())
+        self.listen = listen
+        self.rng = rng or random.Random()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -122,13 +160,10 @@ class Node:
         self.loop = loop
         self.started_at = loop.time()
         log.info("%s timings: %s", self.server_id, self.timings.describe())
-        await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
+        if self.listen:
+            await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
 
-        self.registry = ReplicatedRegistry(
-            self.config, self.server_id, self.options.data_dir, self.options.secret, raft_timings(self.timings)
-        )
         self.registry.add_listener(self._on_applied_threadsafe)
-        self.transport = Transport(self.config, self.server_id, self.options.secret.encode())
         self.election = ElectionRuntime(
             self.config,
             self.server_id,
@@ -139,6 +174,7 @@ class Node:
             on_coordinator_change=self._on_coordinator_change,
             on_peer_down=self._on_peer_down,
             on_peer_up=self._on_peer_up,
+            rng=self.rng,
         )
         self.service = CoordinatorService(self.registry, self.election)
         self.transport.on_request(REQUEST_KIND, self.service.handle)
@@ -179,20 +215,28 @@ class Node:
             await asyncio.to_thread(self.registry.start)
             await self.transport.start()
             await self.election.start()
-            await self.chat.start()
-            await self.websocket.start()
+            if self.listen:
+                await self.chat.start()
+                await self.websocket.start()
+            else:
+                self.chat.open()
             self.publish_snapshot()
-            schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
-            app = create_app(
-                self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only, schemes
-            )
-            if tls.admin is None:
-                admin_server = serve_admin(app, self.me.host, self.me.admin_port)
-            else:  # waitress speaks no TLS: it listens on loopback behind our TLS-terminating relay
-                admin_server = serve_admin(app, "127.0.0.1", 0)
-                admin_proxy = AdminTlsProxy(self.me.host, self.me.admin_port, admin_server.port, tls.admin)
-                app.wsgi_app = RealPeer(app.wsgi_app, admin_proxy.peers)  # type: ignore[method-assign]
-                await admin_proxy.start()
+            if self.listen:
+                schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
+                app = create_app(
+                    self.snapshots,
+                    _AdminActions(self),
+                    self.options.admin_token,
+                    self.options.admin_loopback_only,
+                    schemes,
+                )
+                if tls.admin is None:
+                    admin_server = serve_admin(app, self.me.host, self.me.admin_port)
+                else:  # waitress speaks no TLS: it listens on loopback behind our TLS-terminating relay
+                    admin_server = serve_admin(app, "127.0.0.1", 0)
+                    admin_proxy = AdminTlsProxy(self.me.host, self.me.admin_port, admin_server.port, tls.admin)
+                    app.wsgi_app = RealPeer(app.wsgi_app, admin_proxy.peers)  # type: ignore[method-assign]
+                    await admin_proxy.start()
             await self._serve()
         except OSError as exc:
             log.error("%s cannot start: %s", self.server_id, exc)

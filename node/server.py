@@ -201,12 +201,21 @@ class ChatServer:
     # -- lifetime ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._max_clients = self._clamp_max_clients(self.limits.max_clients)
+        self.open()
         self._server = await asyncio.start_server(self._serve_client, self.host, self.port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
-        self._accepting = True
         log.info("%s: accepting clients on %s:%d", self.server_id, self.host, self.port)
+
+    def open(self) -> None:
+        """Accept connections, on the running loop, without binding a port: `start` binds one; a simulation
+        hands its in-memory connections to `serve_stream`."""
+        self._loop = asyncio.get_running_loop()
+        self._max_clients = self._clamp_max_clients(self.limits.max_clients)
+        self._accepting = True
+
+    async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one client connection until it ends (run it as its own task)."""
+        await self._serve_client(reader, writer)
 
     @staticmethod
     def _clamp_max_clients(wanted: int) -> int:
