@@ -25,7 +25,7 @@ from bully.transport import TcpTransport, Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
-from node.admin import Schemes, create_app, serve_admin
+from node.admin import Schemes, create_app
 from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService, Registry
 from node.limits import Limits
 from node.membership import MembershipPolicy, MembershipView
@@ -34,8 +34,8 @@ from node.server import ChatServer
 from node.snapshot import build_snapshot
 from node.stall import StallGuard
 from node.status import EventLog, SnapshotBox
-from node.tls import AdminTlsProxy, RealPeer, TlsOptions
-from node.websocket import WebSocketListener, chat_origins, ws_url
+from node.tls import TlsOptions, serve_admin_app
+from node.websocket import listener_for, ws_url
 from registry import state as rs
 from registry.replicated import RaftStatus, RaftTimings, RegistryUnavailable, ReplicatedRegistry
 
@@ -199,17 +199,11 @@ class Node:
             tls=self.options.tls.clients,
         )
         tls = self.options.tls
-        self.websocket = WebSocketListener(
-            self.chat,
-            self.me.host,
-            self.me.ws_port,
-            route_urls={(s.host, s.clients_port): ws_url(s, tls.websocket is not None) for s in self.config.servers},
-            origins=chat_origins(self.config, tls.admin is not None, self.options.ws_origins),
-            tls=tls.websocket,
+        self.websocket = listener_for(
+            self.chat, self.config, self.me, tls.websocket, tls.admin is not None, self.options.ws_origins
         )
         self.snapshots = SnapshotBox()
         admin_server = None
-        admin_proxy: AdminTlsProxy | None = None
         status = 0
         try:
             await asyncio.to_thread(self.registry.start)
@@ -230,23 +224,15 @@ class Node:
                     self.options.admin_loopback_only,
                     schemes,
                 )
-                if tls.admin is None:
-                    admin_server = serve_admin(app, self.me.host, self.me.admin_port)
-                else:  # waitress speaks no TLS: it listens on loopback behind our TLS-terminating relay
-                    admin_server = serve_admin(app, "127.0.0.1", 0)
-                    admin_proxy = AdminTlsProxy(self.me.host, self.me.admin_port, admin_server.port, tls.admin)
-                    app.wsgi_app = RealPeer(app.wsgi_app, admin_proxy.peers)  # type: ignore[method-assign]
-                    await admin_proxy.start()
+                admin_server = await serve_admin_app(app, self.me.host, self.me.admin_port, tls.admin)
             await self._serve()
         except OSError as exc:
             log.error("%s cannot start: %s", self.server_id, exc)
             print(f"chatmesh {self.server_id}: cannot start: {exc}", flush=True)
             status = 1
         finally:
-            if admin_proxy is not None:
-                await admin_proxy.close()
             if admin_server is not None:
-                admin_server.close()
+                await admin_server.close()
             with contextlib.suppress(Exception):
                 await self.websocket.close()
             with contextlib.suppress(Exception):
