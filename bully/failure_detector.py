@@ -179,6 +179,11 @@ class FailureDetector:
     def up(self) -> set[str]:
         return set(self._up)
 
+    def heard_within(self, now: float, span_s: float) -> set[str]:
+        """Up peers heard in the last `span_s` seconds: unlike `up()`, which lags a break by a whole
+        suspicion window, this shows a short cut-off (a partition that heals before anyone is declared)."""
+        return {peer for peer in self._up if now - self._last_heard[peer] <= span_s}
+
     def incarnations(self) -> dict[str, int]:
         """The last incarnation heard from every peer ever heard."""
         return dict(self._incarnation)

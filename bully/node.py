@@ -129,6 +129,10 @@ class ElectionNode:
     def peer_incarnations(self) -> dict[str, int]:
         return self.detector.incarnations()
 
+    def servers_heard_within(self, now: float, span_s: float) -> set[str]:
+        """This server and the peers heard in the last `span_s` seconds."""
+        return self.detector.heard_within(now, span_s) | {self.self_id}
+
     def next_deadline(self) -> float | None:
         """When `on_deadline` must next be called (None before `start`)."""
         at = self._next_heartbeat

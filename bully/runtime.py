@@ -114,6 +114,11 @@ class ElectionRuntime:
     def peer_incarnations(self) -> dict[str, int]:
         return self.node.peer_incarnations
 
+    def servers_heard_within(self, span_s: float) -> set[str]:
+        """This server and the peers heard in the last `span_s` seconds (call on the loop)."""
+        now = self._loop.time() if self._loop is not None else 0.0
+        return self.node.servers_heard_within(now, span_s)
+
     def start_election(self) -> None:
         """Operator trigger: run an election now (call on the loop)."""
         if not self._running or self._loop is None:

@@ -427,6 +427,7 @@ class Node:
                 heard=self.election.peer_incarnations,
                 registered=self.registry.servers_up(),
                 has_quorum=self.registry.has_quorum(),
+                heard_recently=self.election.servers_heard_within(self.timings.suspect_after_s / 2),
             )
             for decision in policy.decide(view):
                 log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))
