@@ -43,6 +43,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
+
+# Evidence about a peer's process from the caller's transport: our connection to it ended ("lost"), or a
+# connection attempt was refused ("refused": nothing listens on its port).
+LinkEvent = Literal["lost", "refused"]
 
 # Heartbeat gaps remembered per peer for its suspicion window.
 GAP_HISTORY = 8

@@ -32,10 +32,8 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
-from bully.transport import LinkEvent
-
 from bully.election import Broadcast, CoordinatorChanged, Effect, ElectionTimings, FastBully, Send
-from bully.failure_detector import FailureDetector, PeerDown, PeerEvent, PeerUp
+from bully.failure_detector import FailureDetector, LinkEvent, PeerDown, PeerEvent, PeerUp
 from bully.messages import Heartbeat, Message
 
 Output = Effect | PeerEvent

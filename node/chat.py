@@ -464,9 +464,7 @@ class ChatCore:
             if s.identity is not None and s.room is not None
         )
         rooms = tuple(RoomSnapshot(r.room_id, r.owner, tuple(r.members)) for r in self._rooms.values())
-        return CoreSnapshot(
-            self.server_id, clients, rooms, len(self._sessions), self.messages_relayed, self.deliveries
-        )
+        return CoreSnapshot(self.server_id, clients, rooms, len(self._sessions), self.messages_relayed, self.deliveries)
 
     def check_invariants(self) -> None:
         """AssertionError if the state is inconsistent (a programmer error)."""
