@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster.config import ClusterConfig, ConfigError, load_config
+from registry.replicated import default_data_dir, wipe_data_dir
 
 HERE = Path(__file__).resolve().parent
 SECRET_FILE = HERE / ".cluster-secret"
@@ -41,10 +41,6 @@ def local_secret() -> str:
     return SECRET_FILE.read_text().strip()
 
 
-def default_data_root(config: ClusterConfig) -> Path:
-    return HERE / "data" / config.fingerprint()
-
-
 def _pump(prefix: str, stream: object) -> None:
     for raw in iter(stream.readline, b""):  # type: ignore[attr-defined]
         line = raw.decode("utf-8", "replace").rstrip("\n")
@@ -61,11 +57,11 @@ def _get_json(url: str) -> dict[str, object] | None:
 
 
 class Supervisor:
-    def __init__(self, config: ClusterConfig, config_path: Path, ids: list[str], data_root: Path) -> None:
+    def __init__(self, config: ClusterConfig, config_path: Path, ids: list[str], data_dirs: dict[str, Path]) -> None:
         self.config = config
         self.config_path = config_path
         self.ids = ids
-        self.data_root = data_root
+        self.data_dirs = data_dirs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.width = max(len(i) for i in ids)
 
@@ -75,7 +71,7 @@ class Supervisor:
                 sys.executable, "-m", "node",
                 "--config", str(self.config_path),
                 "--id", server_id,
-                "--data-dir", str(self.data_root / server_id),
+                "--data-dir", str(self.data_dirs[server_id]),
             ]  # fmt: skip
             # Same process group as the supervisor: Ctrl-C reaches every server, and killing the group
             # (as a test or an init system does) leaves no orphan behind.
@@ -159,16 +155,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run_cluster: unknown server id(s) {', '.join(unknown)} in --only", file=sys.stderr)
             return 2
         ids = wanted
-    data_root = Path(args.data_root) if args.data_root else default_data_root(config)
+    # The servers' own default (data/<configuration fingerprint>/<id>), or <data root>/<id>.
+    data_dirs = {
+        sid: Path(args.data_root) / sid if args.data_root else default_data_dir(config, sid, HERE / "data")
+        for sid in ids
+    }
     if args.fresh:
-        for server_id in ids:
-            shutil.rmtree(data_root / server_id, ignore_errors=True)
+        for data_dir in data_dirs.values():
+            wipe_data_dir(data_dir)
 
     env = dict(os.environ)
     env["CHATMESH_SECRET"] = local_secret()
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(HERE) + os.pathsep + env.get("PYTHONPATH", "")
-    supervisor = Supervisor(config, config_path, ids, data_root)
+    supervisor = Supervisor(config, config_path, ids, data_dirs)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -345,20 +345,11 @@ class ChatCore:
     def identity_claimed(self, conn: ConnId, identity: str, ok: bool) -> list[Effect]:
         return self.resolve(self._expect(conn, ClaimIdentity, identity), ok)
 
-    def move_completed(self, conn: ConnId, identity: str, ok: bool) -> list[Effect]:
-        return self.resolve(self._expect(conn, CompleteMove, identity), ok)
-
     def room_created(self, conn: ConnId, room_id: str, ok: bool) -> list[Effect]:
         return self.resolve(self._expect(conn, CreateRoom, room_id), ok)
 
-    def room_deleted(self, conn: ConnId, room_id: str, ok: bool) -> list[Effect]:
-        return self.resolve(self._expect(conn, DeleteRoom, room_id), ok)
-
     def move_begun(self, conn: ConnId, identity: str, ok: bool) -> list[Effect]:
         return self.resolve(self._expect(conn, BeginMove, identity), ok)
-
-    def pending_request(self, conn: ConnId) -> Request | None:
-        return self._inflight.get(conn)
 
     # -- operator actions ----------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ A connection lives in `_conns` from accept until the core emits `Close` for it (
 that can be after its reader task ended (the peer closed while a request was in flight). Connections
 are counted per address and in total from accept to close.
 
-Threads: everything runs on the loop. Other threads read `latest_snapshot` only (an immutable object
-replaced, never mutated).
+Threads: everything runs on the loop, and nothing here is read from another thread: the admin thread
+sees this server only in the node's published snapshot (`node.status.SnapshotBox`).
 """
 
 from __future__ import annotations
