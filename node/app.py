@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
@@ -35,9 +36,13 @@ from node.snapshot import build_snapshot
 from node.stall import StallGuard
 from node.status import EventLog, SnapshotBox
 from registry import state as rs
-from registry.replicated import RaftStatus, RaftTimings, RegistryUnavailable, ReplicatedRegistry
+from registry.replicated import RaftStatus, RaftTimings, RegistryDataError, RegistryUnavailable, ReplicatedRegistry
 
 log = logging.getLogger("chatmesh.node")
+
+# Exit status of a server that could not start (a port in use, a data directory locked): as for a bad
+# configuration, the operator must change something before starting it again.
+STARTUP_ERROR_STATUS = 2
 
 # How often the admin snapshot is refreshed (also refreshed on every change).
 SNAPSHOT_INTERVAL_S = 0.25
@@ -196,25 +201,35 @@ class Node:
         self.snapshots = SnapshotBox()
         admin_server = None
         status = 0
+        me = self.me
+        starting: str | None = f"the registry (Raft port {me.host}:{me.raft_port})"
         try:
             await asyncio.to_thread(self.registry.start)
+            starting = f"the coordination listener ({me.host}:{me.coordination_port})"
             await self.transport.start()
             await self.election.start()
+            starting = f"the client listener ({me.host}:{me.clients_port})"
             if self.listen:
                 await self.chat.start()
             else:
                 self.chat.open()
             self.publish_snapshot()
+            starting = f"the admin listener ({me.host}:{me.admin_port})"
             if self.listen:
                 app = create_app(
                     self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only
                 )
-                admin_server = serve_admin(app, self.me.host, self.me.admin_port)
+                admin_server = serve_admin(app, me.host, me.admin_port)
+            starting = None
             await self._serve()
-        except OSError as exc:
-            log.error("%s cannot start: %s", self.server_id, exc)
-            print(f"chatmesh {self.server_id}: cannot start: {exc}", flush=True)
-            status = 1
+        except (OSError, RegistryDataError) as exc:
+            if starting is None:
+                raise
+            # Start-up errors are configuration or environment errors: one line naming what, exit status 2.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.error("%s cannot start %s: %s", self.server_id, starting, reason)
+            print(f"chatmesh {self.server_id}: cannot start {starting}: {reason}", file=sys.stderr, flush=True)
+            status = STARTUP_ERROR_STATUS
         finally:
             if admin_server is not None:
                 admin_server.close()
