@@ -56,10 +56,13 @@ class ClusterTimings:
     # -- Raft (registry/replicated.py, PySyncObj) -------------------------------------------------------
     # Leader heartbeat (append entries); Raft's election timeout must exceed three of them.
     raft_append_entries_period_s: float = 0.05
-    # A follower that hears no leader for a random time in [min, max] starts an election. A leader known
-    # dead for certain (closed connection, refused reconnect) is replaced at once, without this wait.
-    raft_min_timeout_s: float = 0.5
-    raft_max_timeout_s: float = 1.0
+    # A follower that hears no leader for a random time in [min, max] starts an election. This is only the
+    # fallback: when the failure detector declares the Raft leader down (at once on certain evidence, after
+    # T1 on silence) the top survivor starts a Raft election at once, alone. Raft's own timer is set above T1
+    # so that on a silent failure it does not race that election (two candidates in one term split the vote
+    # and cost another 0.5-1 s).
+    raft_min_timeout_s: float = 1.0
+    raft_max_timeout_s: float = 1.5
     # A Raft connection that delivered nothing for this long is dropped (>= raft_max_timeout_s).
     raft_connection_timeout_s: float = 2.0
     # How soon a dropped or refused Raft connection is retried.
@@ -132,6 +135,12 @@ class ClusterTimings:
             "raft_append_entries_period_s",
             "raft_min_timeout_s",
             "raft_max_timeout_s",
+        )
+        self._need(
+            self.raft_min_timeout_s > self.suspect_after_s,
+            "raft_min_timeout_s > suspect_after_s",
+            "raft_min_timeout_s",
+            "suspect_after_s",
         )
         self._need(
             self.raft_connection_timeout_s >= self.raft_max_timeout_s,

@@ -26,7 +26,7 @@ from bully.transport import TcpTransport, Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
-from node.admin import create_app, serve_admin
+from node.admin import Schemes, create_app, serve_admin
 from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService, Registry
 from node.limits import Limits
 from node.membership import MembershipPolicy, MembershipView
@@ -35,6 +35,8 @@ from node.server import ChatServer
 from node.snapshot import build_snapshot
 from node.stall import StallGuard
 from node.status import EventLog, SnapshotBox
+from node.tls import AdminTlsProxy, RealPeer, TlsOptions
+from node.websocket import WebSocketListener, chat_origins, ws_url
 from registry import state as rs
 from registry.replicated import RaftStatus, RaftTimings, RegistryDataError, RegistryUnavailable, ReplicatedRegistry
 
@@ -91,6 +93,8 @@ class NodeOptions:
     admin_loopback_only: bool = False
     limits: Limits = field(default_factory=Limits)
     timings: ClusterTimings = field(default_factory=ClusterTimings)
+    tls: TlsOptions = field(default_factory=TlsOptions)
+    ws_origins: str = ""  # extra browser origins allowed on the WebSocket port (CHATMESH_WS_ORIGINS)
 
 
 class NodeRegistry(Registry, Protocol):
@@ -197,9 +201,20 @@ class Node:
             self.me.clients_port,
             self.options.limits,
             stall_guard=self.stall_guard,
+            tls=self.options.tls.clients,
+        )
+        tls = self.options.tls
+        self.websocket = WebSocketListener(
+            self.chat,
+            self.me.host,
+            self.me.ws_port,
+            route_urls={(s.host, s.clients_port): ws_url(s, tls.websocket is not None) for s in self.config.servers},
+            origins=chat_origins(self.config, tls.admin is not None, self.options.ws_origins),
+            tls=tls.websocket,
         )
         self.snapshots = SnapshotBox()
         admin_server = None
+        admin_proxy: AdminTlsProxy | None = None
         status = 0
         me = self.me
         starting: str | None = f"the registry (Raft port {me.host}:{me.raft_port})"
@@ -211,15 +226,28 @@ class Node:
             starting = f"the client listener ({me.host}:{me.clients_port})"
             if self.listen:
                 await self.chat.start()
+                starting = f"the WebSocket listener ({me.host}:{me.ws_port})"
+                await self.websocket.start()
             else:
                 self.chat.open()
             self.publish_snapshot()
             starting = f"the admin listener ({me.host}:{me.admin_port})"
             if self.listen:
+                schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
                 app = create_app(
-                    self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only
+                    self.snapshots,
+                    _AdminActions(self),
+                    self.options.admin_token,
+                    self.options.admin_loopback_only,
+                    schemes,
                 )
-                admin_server = serve_admin(app, me.host, me.admin_port)
+                if tls.admin is None:
+                    admin_server = serve_admin(app, self.me.host, self.me.admin_port)
+                else:  # waitress speaks no TLS: it listens on loopback behind our TLS-terminating relay
+                    admin_server = serve_admin(app, "127.0.0.1", 0)
+                    admin_proxy = AdminTlsProxy(self.me.host, self.me.admin_port, admin_server.port, tls.admin)
+                    app.wsgi_app = RealPeer(app.wsgi_app, admin_proxy.peers)  # type: ignore[method-assign]
+                    await admin_proxy.start()
             starting = None
             await self._serve()
         except (OSError, RegistryDataError) as exc:
@@ -231,8 +259,12 @@ class Node:
             print(f"chatmesh {self.server_id}: cannot start {starting}: {reason}", file=sys.stderr, flush=True)
             status = STARTUP_ERROR_STATUS
         finally:
+            if admin_proxy is not None:
+                await admin_proxy.close()
             if admin_server is not None:
                 admin_server.close()
+            with contextlib.suppress(Exception):
+                await self.websocket.close()
             with contextlib.suppress(Exception):
                 await self.chat.close()
             with contextlib.suppress(Exception):
@@ -289,7 +321,9 @@ class Node:
         self.publish_snapshot()
         print(
             f"chatmesh {self.server_id} ready: clients {self.me.host}:{self.me.clients_port}, "
-            f"admin http://{self.me.host}:{self.me.admin_port}/ (pid {os.getpid()})",
+            f"websocket {ws_url(self.me, self.options.tls.websocket is not None)}, "
+            f"admin {'https' if self.options.tls.admin else 'http'}://{self.me.host}:{self.me.admin_port}/ "
+            f"(pid {os.getpid()})",
             flush=True,
         )
 
@@ -314,7 +348,7 @@ class Node:
         self._membership_wake.set()
         # The top survivor replaces a dead Raft leader at once, without the random election timeout; the
         # others wait for it (several candidates at once would split the vote).
-        if self.registry.status().leader == peer and self._top_survivor():
+        if self.registry.status().leader in (peer, None) and self._top_survivor():
             self.registry.leader_is_gone(peer)
         self.publish_snapshot()
 
@@ -329,6 +363,10 @@ class Node:
         self.publish_snapshot()
 
     def _on_applied_threadsafe(self, command: rs.Command, result: rs.Result) -> None:
+        # PySyncObj's thread, for every command the cluster commits. Waking the loop costs a self-pipe
+        # write and a loop turn; only our own requests (in doubt?) and a "server down" naming us matter.
+        if not (self.directory.issued_here(command.request_id) or isinstance(command, rs.ServerDown)):
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed during shutdown
             self.loop.call_soon_threadsafe(self._on_applied, command, result)
 

@@ -155,6 +155,10 @@ class ClusterDirectory:
     def next_request_id(self) -> str:
         return f"{self._id_prefix}.{next(self._ids)}"
 
+    def issued_here(self, request_id: str) -> bool:
+        """Whether this directory made `request_id` (any thread: the prefix never changes)."""
+        return request_id.startswith(self._id_prefix + ".")
+
     def coordinator_changed(self) -> None:
         """Called on the loop when the election runtime reports a new coordinator: wakes every waiter."""
         change, self._change = self._change, None

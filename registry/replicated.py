@@ -50,8 +50,10 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.journal import FileJournal
 
 from cluster.config import ClusterConfig, ServerConfig
+from cluster.timings import ClusterTimings
+from registry import raft_wire
 from registry.client import MAX_IN_FLIGHT, CommitBridge, RegistryUnavailable
-from registry.state import Command, IdentityEntry, RegistryState, Result, RoomEntry
+from registry.state import Command, IdentityEntry, RegistryState, ReleaseIdentity, Result, RoomEntry
 
 __all__ = [
     "RaftTimings",
@@ -101,6 +103,10 @@ _rewrite_filter = _RewriteFilter()
 logging.getLogger("pysyncobj.syncobj").addFilter(_rewrite_filter)
 
 
+# The Raft timings' defaults come from the one table of timings (cluster/timings.py).
+_DEFAULTS = ClusterTimings()
+
+
 @dataclass(frozen=True, slots=True)
 class RaftTimings:
     """Every PySyncObj timing in one place. Defaults favour latency on a LAN/loopback.
@@ -113,29 +119,33 @@ class RaftTimings:
     # Send each command to the followers at once instead of once per append-entries period.
     append_entries_use_batch: bool = False
     # Leader heartbeat; an election timeout must exceed 3 periods (PySyncObj checks).
-    append_entries_period_s: float = 0.05
-    # A follower that hears no leader for a random time in [min, max] starts an election. Wide enough
-    # that a loaded 2-core test machine does not cause spurious elections, short enough to fail over in ~1 s.
-    raft_min_timeout_s: float = 0.5
-    raft_max_timeout_s: float = 1.0
+    append_entries_period_s: float = _DEFAULTS.raft_append_entries_period_s
+    # A follower that hears no leader for a random time in [min, max] starts an election: the fallback, see
+    # cluster/timings.py (a leader declared down is replaced at once through `leader_is_gone`).
+    raft_min_timeout_s: float = _DEFAULTS.raft_min_timeout_s
+    raft_max_timeout_s: float = _DEFAULTS.raft_max_timeout_s
     # A connection that delivered nothing for this long is dropped (>= raft_max_timeout_s).
-    connection_timeout_s: float = 2.0
+    connection_timeout_s: float = _DEFAULTS.raft_connection_timeout_s
     # How soon a dropped or refused connection is retried (PySyncObj: 5 s).
-    connection_retry_s: float = 0.5
+    connection_retry_s: float = _DEFAULTS.raft_connection_retry_s
     # A leader that heard from no majority for this long steps down (PySyncObj: 30 s).
-    leader_fallback_timeout_s: float = 2.0
+    leader_fallback_timeout_s: float = _DEFAULTS.raft_leader_fallback_timeout_s
     # Longest sleep of PySyncObj's tick thread between events (timer resolution for the above).
-    auto_tick_period_s: float = 0.05
+    auto_tick_period_s: float = _DEFAULTS.raft_tick_period_s
     # Binding the Raft port: retry interval and attempts before start() gives up.
     bind_retry_s: float = 0.2
     max_bind_retries: int = 25
     # Default bound for one commit (callers pass their own to submit()).
-    commit_timeout_s: float = 2.0
+    commit_timeout_s: float = _DEFAULTS.commit_timeout_s
     # Compact the log (write the full dump, cut the journal) after this many entries or this long.
     log_compaction_min_entries: int = 5000
     log_compaction_min_time_s: float = 300.0
+    # A release (ReleaseIdentity: a client left) waits up to this long for another command to share its log
+    # entry: a user who quits and the next who logs in then cost one commit, not two. Only a quit's close
+    # and a re-login of the same name wait on a release, and no longer than this.
+    release_defer_s: float = 0.005
     # Least time between two attempts to hand leadership to the preferred server (the coordinator).
-    leader_hand_over_interval_s: float = 1.0
+    leader_hand_over_interval_s: float = _DEFAULTS.raft_hand_over_interval_s
     # How long close() waits for PySyncObj's thread to stop.
     close_timeout_s: float = 3.0
 
@@ -148,6 +158,8 @@ class RaftTimings:
             raise ValueError("leader_fallback_timeout_s must exceed append_entries_period_s")
         if self.log_compaction_min_entries < 2 or min(self.commit_timeout_s, self.auto_tick_period_s) <= 0:
             raise ValueError("log_compaction_min_entries >= 2 and positive periods required")
+        if not 0 <= self.release_defer_s < self.commit_timeout_s:
+            raise ValueError("need 0 <= release_defer_s < commit_timeout_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +266,10 @@ class _RegistryLog(SyncObjConsumer):
         log.info("registry state restored from a full dump: %s", self.state.counts())
 
 
+# A message type PySyncObj does not know (it ignores it): keeps idle Raft connections up.
+KEEPALIVE_MESSAGE = "chatmesh-keepalive"
+
+
 class _SyncObj(SyncObj):
     """PySyncObj with the two hooks this adapter needs, both on private state of the pinned version.
 
@@ -275,6 +291,16 @@ class _SyncObj(SyncObj):
 
     def outlive(self, thread: threading.Thread) -> None:
         self._SyncObj__mainThread = thread
+
+    def keep_alive(self) -> None:
+        """Send every partner a message PySyncObj ignores (an unknown type). PySyncObj drops a connection
+        that delivered nothing for `connectionTimeout`, and followers never write to each other between
+        elections: without this their connections are down most of the time, and a candidate's vote
+        request to a follower is lost until the next reconnect (up to `connectionRetryTime`, 0.5 s), which
+        is how a one-round-trip election became a 0.5-1.5 s one. Call it on PySyncObj's thread."""
+        transport = self._SyncObj__transport
+        for node in self.otherNodes:
+            transport.send(node, {"type": KEEPALIVE_MESSAGE})
 
 
 class ReplicatedRegistry:
@@ -305,12 +331,19 @@ class ReplicatedRegistry:
         self._log = _RegistryLog(self._lock, self._notify)
         self._bridge = CommitBridge(MAX_IN_FLIGHT)
         self._batch: list[tuple[Command, Callable[[object, int], None]]] = []
+        # Releases waiting (release_defer_s at most) to ride along with the next batch.
+        self._deferred: list[tuple[Command, Callable[[object, int], None]]] = []
+        self._defer_timer: asyncio.TimerHandle | None = None
         self._preferred_leader: ServerConfig | None = None
         self._last_hand_over = 0.0
         self._sync: _SyncObj | None = None
         # A Raft leader (node id) known dead: the tick thread starts an election if it still follows it.
         self._elect_against: str | None = None
         self.fast_elections = 0
+        self._last_keepalive = 0.0
+        # Raft terms this replica moved through (each is an election somewhere) and the last (term, leader).
+        self.raft_terms_seen = 0
+        self._last_term_leader: tuple[int, str | None] = (0, None)
         self._partner_nodes: tuple[Any, ...] = ()
         self._lock_file: IO[bytes] | None = None
         # The last tick's sample, taken on PySyncObj's thread (see _on_tick); replaced whole, never mutated.
@@ -393,6 +426,7 @@ class ReplicatedRegistry:
             raise RuntimeError("start() may be called once")
         if self.journal:
             self._check_data_dir()
+        raft_wire.install()  # no deflate per message (registry/raft_wire.py)
         sync = _SyncObj(self.me.raft_address, self._partners, self.sync_conf(), consumers=[self._log])
         sync.outlive(threading.main_thread())
         self._sync = sync
@@ -432,14 +466,32 @@ class ReplicatedRegistry:
         return await self._bridge.commit(functools.partial(self._enqueue, command), timeout)
 
     def _enqueue(self, command: Command, callback: Callable[[object, int], None]) -> None:
-        """Queue `command` for the batch this loop turn sends (on the loop's thread)."""
+        """Queue `command` for the batch this loop turn sends (on the loop's thread); a release waits a little
+        longer for company (`RaftTimings.release_defer_s`)."""
+        defer_s = self.timings.release_defer_s
+        if defer_s > 0 and type(command) is ReleaseIdentity:
+            self._deferred.append((command, callback))
+            if self._defer_timer is None:
+                self._defer_timer = asyncio.get_running_loop().call_later(defer_s, self._end_deferral)
+            return
         self._batch.append((command, callback))
         if len(self._batch) == 1:
             asyncio.get_running_loop().call_soon(self._send_batch)
 
+    def _end_deferral(self) -> None:
+        self._defer_timer = None
+        if self._deferred and not self._batch and not self._closed:
+            self._send_batch()  # (with a batch queued, its own _send_batch is already on its way)
+
     def _send_batch(self) -> None:
         """Hand the commands submitted in one loop turn to PySyncObj as one log entry: one append per follower
         instead of one per command, which is what bounds commits per second under concurrent requests."""
+        if self._deferred:
+            # Submitted earlier, so first in the entry: a name released and claimed again is free in time.
+            self._batch[:0], self._deferred = self._deferred, []
+            if self._defer_timer is not None:
+                self._defer_timer.cancel()
+                self._defer_timer = None
         batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
         if self._batch:
             asyncio.get_running_loop().call_soon(self._send_batch)
@@ -620,6 +672,22 @@ class ReplicatedRegistry:
             log_first_index=int(raft_log[0][1]) if raft_log is not None and len(raft_log) else None,
         )
         self._tick = sample
+        term, leader_id = sample.term, getattr(sample.leader, "id", None)
+        if (term, leader_id) != self._last_term_leader:
+            if term != self._last_term_leader[0]:
+                self.raft_terms_seen += 1
+            self._last_term_leader = (term, leader_id)
+            log.info(
+                "%s: Raft term %d, leader %s%s",
+                self.server_id,
+                term,
+                self._server_of.get(leader_id, leader_id) if leader_id else None,
+                " (this server)" if sample.is_leader else "",
+            )
+        now = time.monotonic()
+        if now - self._last_keepalive >= self.timings.connection_timeout_s / 4:
+            self._last_keepalive = now
+            sync.keep_alive()
         against, self._elect_against = self._elect_against, None
         if against is not None and not sample.is_leader:
             leader = sample.leader
@@ -633,8 +701,8 @@ class ReplicatedRegistry:
             self._hand_over(sync, preferred)
 
     def leader_is_gone(self, server_id: str) -> None:
-        """`server_id`'s process is known dead: if this replica still follows it as Raft leader, start a Raft
-        election at once instead of waiting out the election timeout (thread-safe)."""
+        """`server_id` was declared down: if this replica still follows it as Raft leader (or knows no
+        leader), start a Raft election at once instead of waiting out the election timeout (thread-safe)."""
         sync = self._sync
         if sync is None or self._closed or server_id not in self.config:
             return

@@ -25,6 +25,7 @@ def test_the_defaults_satisfy_every_relation() -> None:
         ({"request_deadline_s": 2.0}, "request_deadline_s > suspect_after_s + raft_max_timeout_s"),
         ({"stall_threshold_s": 0.7}, "stall_threshold_s=0.7, heartbeat_interval_s=0.1, suspect_after_s=0.75"),
         ({"startup_grace_s": 1.0}, "startup_grace_s >= 2 * suspect_after_s"),
+        ({"suspect_after_s": 1.2, "stall_threshold_s": 0.5}, "raft_min_timeout_s > suspect_after_s"),
         ({"holdoff_s": 0.0}, "holdoff_s must be a positive number"),
     ],
 )
@@ -34,9 +35,9 @@ def test_a_broken_relation_is_refused_naming_the_values(changes: dict[str, float
 
 
 def test_the_environment_then_the_command_line_override() -> None:
-    env = {"CHATMESH_TIMING_SUSPECT_AFTER_S": "1.5", "CHATMESH_TIMING_STALL_THRESHOLD_S": "1.0", "OTHER": "x"}
-    t = ClusterTimings.from_sources(env, ["suspect_after_s=2.0", "max_nominees=3", "nomination_timeout_s=1.5"])
-    assert (t.suspect_after_s, t.stall_threshold_s, t.max_nominees) == (2.0, 1.0, 3)
+    env = {"CHATMESH_TIMING_SUSPECT_AFTER_S": "2.5", "CHATMESH_TIMING_STALL_THRESHOLD_S": "0.6", "OTHER": "x"}
+    t = ClusterTimings.from_sources(env, ["suspect_after_s=0.9", "max_nominees=3", "nomination_timeout_s=1.5"])
+    assert (t.suspect_after_s, t.stall_threshold_s, t.max_nominees) == (0.9, 0.6, 3)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from node import coordinator as co
 from registry import codec
 from registry import state as rs
 
-CONFIG = parse_config("s1 127.0.0.1 4000 6000 1\ns2 127.0.0.1 4001 6001 2\ns3 127.0.0.1 4002 6002 3\n")
+CONFIG = parse_config("s1 127.0.0.1 4000 6500 1\ns2 127.0.0.1 4001 6501 2\ns3 127.0.0.1 4002 6502 3\n")
 
 
 class Election:
