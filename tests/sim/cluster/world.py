@@ -425,7 +425,9 @@ class World:
 
 
 def _config(ids: list[str]) -> ClusterConfig:
-    lines = [f"{sid} 127.0.0.1 {4000 + i} {5000 + i} {i} {6000 + i} {7000 + i}" for i, sid in enumerate(ids, 1)]
+    lines = [
+        f"{sid} 127.0.0.1 {4000 + i} {5000 + i} {i} {6000 + i} {7000 + i} {8000 + i}" for i, sid in enumerate(ids, 1)
+    ]
     return parse_config("\n".join(lines), source="<simulation>")
 
 
