@@ -15,7 +15,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +32,7 @@ from node.limits import Limits
 from node.membership import MembershipPolicy, MembershipView
 from node.reconcile import Reconciler
 from node.server import ChatServer
-from node.snapshot import build_snapshot
+from node.snapshot import SnapshotBuilder
 from node.stall import StallGuard
 from node.status import EventLog, SnapshotBox
 from node.tls import AdminTlsProxy, RealPeer, TlsOptions
@@ -142,10 +142,12 @@ class Node:
         self._stop = asyncio.Event()
         self.serving = False
         self.started_at = 0.0
-        self._background: set[asyncio.Task[Any]] = set()
+        # Work started from callbacks (undo, rejoin, stall confirmation, declarations) runs in the serving
+        # TaskGroup, cancelled and awaited at stop; what is asked before it exists waits for it.
+        self._tasks: asyncio.TaskGroup | None = None
+        self._early: list[Coroutine[Any, Any, None]] = []
         self._rejoining = False
         self.events = EventLog()
-        self.snapshot_lists_key: tuple[int, int] | None = None
         self.timings = options.timings
         self._membership_wake = asyncio.Event()
         self.registry: NodeRegistry = registry or ReplicatedRegistry(
@@ -154,20 +156,7 @@ class Node:
         self.transport: Transport = transport or TcpTransport(config, self.server_id, options.secret.encode())
         self.listen = listen
         self.rng = rng or random.Random()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    # -- lifetime ------------------------------------------------------------------------------------
-
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        self.loop = loop
-        self.started_at = loop.time()
-        log.info("%s timings: %s", self.server_id, self.timings.describe())
-        if self.listen:
-            await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
-
+        # The object graph, built here with explicit arguments; run() only starts it.
         self.registry.add_listener(self._on_applied_threadsafe)
         self.election = ElectionRuntime(
             self.config,
@@ -213,10 +202,28 @@ class Node:
             tls=tls.websocket,
         )
         self.snapshots = SnapshotBox()
+        self._snapshot_builder = SnapshotBuilder(
+            self.config, self.server_id, self.chat, self.registry, self.election, self.directory, self.events
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.started_at = loop.time()
+        log.info("%s timings: %s", self.server_id, self.timings.describe())
+        if self.listen:
+            await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
+
         admin_server = None
         admin_proxy: AdminTlsProxy | None = None
         status = 0
         me = self.me
+        tls = self.options.tls
         starting: str | None = f"the registry (Raft port {me.host}:{me.raft_port})"
         try:
             await asyncio.to_thread(self.registry.start)
@@ -279,6 +286,10 @@ class Node:
         """Run the background duties until a stop is requested, then stop cleanly."""
         try:
             async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                early, self._early = self._early, []
+                for coroutine in early:
+                    tasks.create_task(self._guarded(coroutine))
                 tasks.create_task(self._announce())
                 tasks.create_task(self._reconcile_loop())
                 tasks.create_task(self._membership_loop())
@@ -440,10 +451,19 @@ class Node:
         elif isinstance(command, rs.CreateRoom):
             await self.directory.delete_room(RoomId(command.room_id), Identity(command.owner))
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = self.loop.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run `coroutine` in the serving TaskGroup (cancelled and awaited at stop, never forgotten)."""
+        if self._tasks is None:
+            self._early.append(coroutine)
+        else:
+            self._tasks.create_task(self._guarded(coroutine))
+
+    async def _guarded(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """A failing piece of background work is logged; it must not stop the whole server."""
+        try:
+            await coroutine
+        except Exception:
+            log.exception("%s: background work failed", self.server_id)
 
     # -- periodic work --------------------------------------------------------------------------------
 
@@ -497,7 +517,7 @@ class Node:
             self.publish_snapshot()
 
     def publish_snapshot(self) -> None:
-        self.snapshots.publish(build_snapshot(self, self.snapshots.get()))
+        self.snapshots.publish(self._snapshot_builder.build(self.serving, self.snapshots.get()))
 
 
 class _Stopped(Exception):

@@ -125,8 +125,7 @@ class World:
         self._change_key: tuple[int, ...] | None = None
         self.errors: list[str] = []
         self.dead_loops: list[SimLoop] = []
-        self._running: list[SimServer] = []  # live servers whose node has built its chat server
-        self._starting = True  # some live server has not built it yet
+        self._running: list[SimServer] = []  # the live servers, as of the last topology change
 
     # -- topology -------------------------------------------------------------------------------------------
 
@@ -157,7 +156,7 @@ class World:
 
     def _topology_changed(self, what: str) -> None:
         self.log(f"** {what}")
-        self._starting = True
+        self._running = self.servers_alive()
         self._change_key = None
         now = self.clock.now
         for sid in self.ids:
@@ -310,9 +309,6 @@ class World:
             overdue = client.overdue(now, ANSWER_BOUND_S)
             if overdue is not None:
                 self.fail(overdue)
-        if self._starting:
-            self._running = [s for s in self.servers_alive() if hasattr(s.node, "chat")]
-            self._starting = len(self._running) < len(self.servers_alive())
         live = self._running
         key = self.raft.commit
         for server in live:
