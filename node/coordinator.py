@@ -49,6 +49,7 @@ MOVE_TIMEOUT_S = 10.0
 # Bound on the in-doubt set (request ids whose commit outcome is unknown).
 MAX_IN_DOUBT = 10_000
 
+
 class Registry(Protocol):
     async def submit(self, command: rs.Command, timeout: float) -> rs.Result: ...
     def identity(self, name: str) -> rs.IdentityEntry | None: ...

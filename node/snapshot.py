@@ -116,14 +116,7 @@ class SnapshotBuilder:
             rooms=rooms,
             clients=clients,
             local_client_count=len(chat.clients),
-            raft=RaftView(
-                leader=raft.leader,
-                term=raft.term,
-                commit_index=raft.commit_index,
-                applied_index=raft.applied_index,
-                is_leader=raft.role == "leader",
-                quorum=raft.quorum,
-            ),
+            raft=RaftView.of(raft),
             registry_counts=RegistryCounts(identities=counts.get("identities", 0), rooms=counts.get("rooms", 0)),
             counters=Counters(
                 messages_relayed=chat.messages_relayed,
