@@ -58,14 +58,18 @@ class Registry(Protocol):
     def identities(self) -> list[rs.IdentityEntry]: ...
 
 
-class Election(Protocol):
+class ElectionView(Protocol):
+    """What requests need of the election (named apart from the `bully.messages.Election` message)."""
+
     @property
     def coordinator(self) -> str | None: ...
     @property
     def is_coordinator(self) -> bool: ...
 
 
-class Transport(Protocol):
+class RequestChannel(Protocol):
+    """The one part of `bully.transport.Transport` the directory uses."""
+
     async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]: ...
 
 
@@ -75,7 +79,7 @@ class CoordinatorService:
     def __init__(
         self,
         registry: Registry,
-        election: Election,
+        election: ElectionView,
         on_result: Callable[[bool, float], None] | None = None,
         commit_timeout_s: float = ClusterTimings().commit_timeout_s,
     ):
@@ -127,8 +131,8 @@ class ClusterDirectory:
         self_id: ServerId,
         incarnation: int,
         registry: Registry,
-        election: Election,
-        transport: Transport,
+        election: ElectionView,
+        transport: RequestChannel,
         service: CoordinatorService,
         timings: ClusterTimings | None = None,
     ) -> None:
