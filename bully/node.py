@@ -32,10 +32,8 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
-from bully.transport import LinkEvent
-
 from bully.election import Broadcast, CoordinatorChanged, Effect, ElectionTimings, FastBully, Send
-from bully.failure_detector import FailureDetector, PeerDown, PeerEvent, PeerUp
+from bully.failure_detector import FailureDetector, LinkEvent, PeerDown, PeerEvent, PeerUp
 from bully.messages import Heartbeat, Message
 
 Output = Effect | PeerEvent
@@ -128,6 +126,10 @@ class ElectionNode:
     @property
     def peer_incarnations(self) -> dict[str, int]:
         return self.detector.incarnations()
+
+    def servers_heard_within(self, now: float, span_s: float) -> set[str]:
+        """This server and the peers heard in the last `span_s` seconds."""
+        return self.detector.heard_within(now, span_s) | {self.self_id}
 
     def next_deadline(self) -> float | None:
         """When `on_deadline` must next be called (None before `start`)."""

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from registry import state as rs
 from registry.replicated import RaftStatus, RegistryUnavailable
 
-TICK_S = 0.02
-ELECTION_TIMEOUT_S = (0.15, 0.3)
+TICK_S = 0.05
 MAX_WAITING = 1000
 
 
@@ -60,6 +59,7 @@ class RaftModel:
     rng: random.Random
     reachable: Callable[[str, str], bool]  # both alive, not frozen, same side of every cut
     live: Callable[[str], bool]  # alive and not frozen
+    election_timeout_s: tuple[float, float]  # a follower without a leader elects after a random time in it
     log: list[Entry] = field(default_factory=list)
     commit: int = 0
     term: int = 0
@@ -122,7 +122,7 @@ class RaftModel:
             return
         if self.leader is not None:
             self.leader = None
-            self.leaderless_until = now + self.rng.uniform(*ELECTION_TIMEOUT_S)
+            self.leaderless_until = now + self.rng.uniform(*self.election_timeout_s)
             return
         if now < self.leaderless_until:
             return

@@ -43,6 +43,7 @@ from pathlib import Path
 from bully.memory_transport import MemoryNetwork, MemoryTransport
 from cluster.config import ClusterConfig, parse_config
 from cluster.names import is_mainhall
+from cluster.timings import ClusterTimings
 from node.app import Node, NodeOptions
 from node.server import DIRECTORY_TIMEOUT_S
 from registry import state as rs
@@ -66,9 +67,13 @@ class SimulationFailure(AssertionError):
 class Options:
     servers: int = 3
     clients: int = 5
-    chaos_s: float = 20.0
-    settle_s: float = 25.0
+    chaos_s: float = 15.0
+    # Long enough for a routed client that never arrived to expire (MOVE_TIMEOUT_S, 10 s of wall clock)
+    # and for the reconciler's two passes after that.
+    settle_s: float = 18.0
     mutation: str | None = None
+    # Production timings, except what a test sets (every timing is settable: cluster/timings.py).
+    timings: ClusterTimings = field(default_factory=ClusterTimings)
 
 
 @dataclass
@@ -101,7 +106,14 @@ class World:
         self.servers: dict[str, SimServer] = {}
         self.lives: dict[str, int] = {sid: 0 for sid in self.ids}
         self.network = MemoryNetwork(delay=self._frame_delay, reachable=self._connected)
-        self.raft = RaftModel(self.ids, self.rng, reachable=self._raft_reachable, live=self._live)
+        t = self.options.timings
+        self.raft = RaftModel(
+            self.ids,
+            self.rng,
+            reachable=self._raft_reachable,
+            live=self._live,
+            election_timeout_s=(t.raft_min_timeout_s, t.raft_max_timeout_s),
+        )
         self.raft.on_commit = self._on_commit
         self.clients = [SimClient(self, i) for i in range(1, self.options.clients + 1)]
         self.healthy_since: dict[str, float | None] = {sid: None for sid in self.ids}
@@ -113,6 +125,7 @@ class World:
         self._change_key: tuple[int, ...] | None = None
         self.errors: list[str] = []
         self.dead_loops: list[SimLoop] = []
+        self._running: list[SimServer] = []  # the live servers, as of the last topology change
 
     # -- topology -------------------------------------------------------------------------------------------
 
@@ -143,6 +156,8 @@ class World:
 
     def _topology_changed(self, what: str) -> None:
         self.log(f"** {what}")
+        self._running = self.servers_alive()
+        self._change_key = None
         now = self.clock.now
         for sid in self.ids:
             healthy = self._live(sid) and len(self.raft.component(sid)) >= self.raft.majority
@@ -158,7 +173,9 @@ class World:
         loop = SimLoop(self.clock, f"{sid}#{self.lives[sid]}", self._loop_error)
         registry = SimRegistry(self.raft, sid, loop)
         transport = MemoryTransport(self.network, sid, self.ids, loop)
-        options = NodeOptions(data_dir=Path(f"/nonexistent/sim/{sid}"), secret="simulation")
+        options = NodeOptions(
+            data_dir=Path(f"/nonexistent/sim/{sid}"), secret="simulation", timings=self.options.timings
+        )
         node = Node(
             self.config,
             sid,
@@ -292,8 +309,10 @@ class World:
             overdue = client.overdue(now, ANSWER_BOUND_S)
             if overdue is not None:
                 self.fail(overdue)
-        live = [s for s in self.servers_alive() if hasattr(s.node, "chat")]
-        key = (self.raft.commit, *(s.node.chat.generation for s in live), *(s.life for s in live))
+        live = self._running
+        key = self.raft.commit
+        for server in live:
+            key = key * 31 + server.node.chat.generation
         if key == self._change_key:
             return
         self._change_key = key
@@ -402,7 +421,9 @@ class World:
 
 
 def _config(ids: list[str]) -> ClusterConfig:
-    lines = [f"{sid} 127.0.0.1 {4000 + i} {5000 + i} {i} {6000 + i} {7000 + i}" for i, sid in enumerate(ids, 1)]
+    lines = [
+        f"{sid} 127.0.0.1 {4000 + i} {5000 + i} {i} {6000 + i} {7000 + i} {8000 + i}" for i, sid in enumerate(ids, 1)
+    ]
     return parse_config("\n".join(lines), source="<simulation>")
 
 
