@@ -5,6 +5,15 @@
 Whitespace-separated; `#` starts a comment; blank lines are ignored. `admin_port` defaults to
 `clients_port + 1000`, `raft_port` to `coordination_port + 1000` and `ws_port` (WebSocket clients) to
 `clients_port + 2000`. Every error names the file and line.
+
+One optional setting line, anywhere in the file:
+
+    voters = s4 s5 s6
+
+names the servers that vote in Raft (the registry's quorum). Without it the `DEFAULT_VOTERS` (5)
+highest-priority servers vote, or all of them in a smaller cluster. Every other server keeps a read-only
+replica (docs/registry.md, "The voter core"). A setting line is recognised by its second field `=`; no
+server line can have that shape (`=` is not a port).
 """
 
 from __future__ import annotations
@@ -18,6 +27,10 @@ from cluster.names import ServerId, is_valid_server_id
 ADMIN_PORT_OFFSET = 1000
 RAFT_PORT_OFFSET = 1000
 WS_PORT_OFFSET = 2000
+# Raft voters when the configuration names none: the highest-priority servers, so that the Fast Bully
+# coordinator (the highest-priority live server) is a voter whenever any voter is up. Five voters survive
+# two lost hosts; more only make every commit wait on a larger majority.
+DEFAULT_VOTERS = 5
 
 
 class ConfigError(Exception):
@@ -44,6 +57,8 @@ class ServerConfig:
 class ClusterConfig:
     servers: tuple[ServerConfig, ...]
     source: str = "<config>"
+    # The `voters = ...` setting as written (empty: the default voter core, see `voter_ids`).
+    voters: tuple[ServerId, ...] = ()
 
     def server(self, server_id: str) -> ServerConfig:
         for server in self.servers:
@@ -61,13 +76,30 @@ class ClusterConfig:
     def priority(self, server_id: str) -> int:
         return self.server(server_id).priority
 
+    @property
+    def voter_ids(self) -> tuple[ServerId, ...]:
+        """The Raft voters, highest priority first: the `voters` setting, else the `DEFAULT_VOTERS`
+        highest-priority servers."""
+        ranked = sorted(self.servers, key=lambda s: -s.priority)
+        if self.voters:
+            return tuple(s.server_id for s in ranked if s.server_id in self.voters)
+        return tuple(s.server_id for s in ranked[:DEFAULT_VOTERS])
+
+    def is_voter(self, server_id: str) -> bool:
+        return server_id in self.voter_ids
+
     def fingerprint(self) -> str:
-        """Stable short hash of the cluster's shape, so clusters from different files never share data."""
-        text = "\n".join(
+        """Stable short hash of the cluster's shape, so clusters from different files never share data.
+
+        The voter set counts once it is not every server: a Raft journal written under one membership must
+        not be reused under another (PySyncObj's membership here is fixed, never changed in the log)."""
+        lines = [
             f"{s.server_id} {s.host} {s.clients_port} {s.coordination_port} {s.priority} {s.admin_port} {s.raft_port}"
             for s in self.servers
-        )
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        ]
+        if len(self.voter_ids) != len(self.servers):
+            lines.append("voters " + " ".join(sorted(self.voter_ids)))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 
 
 def _port(text: str, what: str, where: str) -> int:
@@ -85,12 +117,23 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
     seen_ids: dict[str, int] = {}
     seen_priorities: dict[int, int] = {}
     seen_ports: dict[tuple[str, int], tuple[int, str]] = {}
+    voters: list[str] = []
+    voters_where = ""
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         where = f"{source}:{lineno}"
         fields = line.split()
+        if len(fields) >= 2 and fields[1] == "=":
+            if fields[0] != "voters":
+                raise ConfigError(f"{where}: unknown setting {fields[0]!r} (known: voters)")
+            if voters_where:
+                raise ConfigError(f"{where}: voters given twice (first at {voters_where})")
+            voters, voters_where = fields[2:], where
+            if not voters:
+                raise ConfigError(f"{where}: voters = needs at least one server id")
+            continue
         if not 5 <= len(fields) <= 8:
             raise ConfigError(
                 f"{where}: expected 'serverid host clients_port coordination_port priority "
@@ -144,7 +187,12 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
         )
     if not servers:
         raise ConfigError(f"{source}: no servers configured")
-    return ClusterConfig(servers=tuple(servers), source=source)
+    for i, voter in enumerate(voters):
+        if voter not in seen_ids:
+            raise ConfigError(f"{voters_where}: voter {voter!r} is not a configured server")
+        if voter in voters[:i]:
+            raise ConfigError(f"{voters_where}: voter {voter!r} named twice")
+    return ClusterConfig(servers=tuple(servers), source=source, voters=tuple(ServerId(v) for v in voters))
 
 
 def load_config(path: str | Path) -> ClusterConfig:

@@ -343,16 +343,19 @@ class Node:
         log.info("%s: %s is down (%s)", self.server_id, peer, "gone" if certain else "silent")
         self.events.record(time.time(), f"{peer} is down")
         self._membership_wake.set()
-        # The top survivor replaces a dead Raft leader at once, without the random election timeout; the
-        # others wait for it (several candidates at once would split the vote).
-        if self.registry.status().leader in (peer, None) and self._top_survivor():
+        # The top surviving voter replaces a dead Raft leader at once, without the random election timeout;
+        # the other voters wait for it (several candidates at once would split the vote). A read-only
+        # replica only forgets the dead leader (registry/replicated.py).
+        if self.registry.status().leader in (peer, None) and (
+            not self.config.is_voter(self.server_id) or self._top_surviving_voter()
+        ):
             self.registry.leader_is_gone(peer)
         self.publish_snapshot()
 
-    def _top_survivor(self) -> bool:
+    def _top_surviving_voter(self) -> bool:
         up = self.election.servers_up
-        best = min((s for s in self.config.servers if s.server_id in up), key=lambda s: (-s.priority, s.server_id))
-        return best.server_id == self.server_id
+        voters = [v for v in self.config.voter_ids if v in up]  # highest priority first
+        return bool(voters) and voters[0] == self.server_id
 
     def _on_peer_up(self, peer: str, incarnation: int) -> None:
         log.info("%s: %s is up (incarnation %d)", self.server_id, peer, incarnation)

@@ -27,6 +27,14 @@ PySyncObj loads the dump in its first tick after binding, before any election ti
 restarted node never leads before its state is restored; `start()` refuses a data directory whose journal
 was compacted but whose dump is missing, and the tick watchdog reports a replica that cannot apply.
 
+The voter core: only the configuration's voters (`ClusterConfig.voter_ids`, by default the five
+highest-priority servers) are Raft members; they vote, and a commit waits on a majority of them only. Every
+other server runs a PySyncObj read-only node (`selfNode=None`): it binds no Raft port, connects to every
+voter (authenticated by the same secret: PySyncObj encrypts every connection with it), receives the whole
+log from the leader and applies it like a voter, serves local reads, and forwards its commands to the leader
+it learned from the leader's append-entries. It never votes and is never counted in a commit. Voters do not
+list read-only nodes: they accept any connection that proves the secret and announces itself read-only.
+
 Invariants: replicas at the same applied index are identical (`RegistryState` is deterministic); a result
 is reported only after its command committed; every timing lives in `RaftTimings`.
 """
@@ -167,7 +175,7 @@ class RaftStatus:
     """What this replica knows about Raft, derived from a sample PySyncObj's thread takes after every tick."""
 
     started: bool = False
-    role: str = "stopped"  # leader | follower | candidate | stopped
+    role: str = "stopped"  # leader | follower | candidate | read-only | stopped
     leader: str | None = None  # server id
     term: int = 0
     commit_index: int = 0
@@ -292,6 +300,15 @@ class _SyncObj(SyncObj):
     def outlive(self, thread: threading.Thread) -> None:
         self._SyncObj__mainThread = thread
 
+    def forget_leader(self) -> None:
+        """A read-only node whose leader is known dead: PySyncObj keeps following it until another leader's
+        append-entries arrive (a read-only node has no election timer), and forwards commands into the void
+        meanwhile. Forget it, and fail the commands waiting for its reply (LEADER_CHANGED, so the caller
+        retries at once); new commands wait for the next leader (`commandsWaitLeader`). PySyncObj's thread."""
+        if self._SyncObj__raftLeader is not None:
+            self._SyncObj__raftLeader = None
+            self._SyncObj__onLeaderChanged()
+
     def keep_alive(self) -> None:
         """Send every partner a message PySyncObj ignores (an unknown type). PySyncObj drops a connection
         that delivered nothing for `connectionTimeout`, and followers never write to each other between
@@ -299,7 +316,9 @@ class _SyncObj(SyncObj):
         request to a follower is lost until the next reconnect (up to `connectionRetryTime`, 0.5 s), which
         is how a one-round-trip election became a 0.5-1.5 s one. Call it on PySyncObj's thread."""
         transport = self._SyncObj__transport
-        for node in self.otherNodes:
+        # Read-only nodes too: a voter that is not the leader sends them nothing else, and their side would
+        # drop the connection after `connectionTimeout` and reconnect, over and over.
+        for node in self.otherNodes | self.readonlyNodes:
             transport.send(node, {"type": KEEPALIVE_MESSAGE})
 
 
@@ -324,7 +343,9 @@ class ReplicatedRegistry:
         self.timings = timings
         self.journal = journal
         self._password = password
-        self._partners = [s.raft_address for s in config.servers if s.server_id != self_id]
+        # Voters are the Raft members; a read-only node's partners are every voter (it connects to them all).
+        self.voter = config.is_voter(self_id)
+        self._partners = [config.server(v).raft_address for v in config.voter_ids if v != self_id]
         self._server_of = {s.raft_address: s.server_id for s in config.servers}
         self._lock = threading.Lock()
         self._listeners: list[Callable[[Command, Result], None]] = []
@@ -427,17 +448,24 @@ class ReplicatedRegistry:
         if self.journal:
             self._check_data_dir()
         raft_wire.install()  # no deflate per message (registry/raft_wire.py)
-        sync = _SyncObj(self.me.raft_address, self._partners, self.sync_conf(), consumers=[self._log])
+        self_node = self.me.raft_address if self.voter else None  # None: a PySyncObj read-only node
+        sync = _SyncObj(self_node, self._partners, self.sync_conf(), consumers=[self._log])
         sync.outlive(threading.main_thread())
         self._sync = sync
         self._partner_nodes = tuple(sync.otherNodes)
         sync.addOnTickCallback(self._on_tick)
         try:
-            sync.waitBinded()
+            # PySyncObj's waitBinded() never returns on a read-only node (it binds nothing, and the event it
+            # waits on is only set by a bind attempt).
+            if self.voter:
+                sync.waitBinded()
         except Exception:
             self.close()
             raise RegistryBindError(f"cannot bind the Raft port {self.me.raft_address}") from None
-        log.info("%s: registry replica on %s, partners %s", self.server_id, self.me.raft_address, self._partners)
+        if self.voter:
+            log.info("%s: registry replica on %s, partners %s", self.server_id, self.me.raft_address, self._partners)
+        else:
+            log.info("%s: read-only registry replica (not a Raft voter), voters %s", self.server_id, self._partners)
 
     def close(self) -> None:
         """Stop PySyncObj (its thread flushes and closes the journal) and release the data directory."""
@@ -591,6 +619,8 @@ class ReplicatedRegistry:
             quorum = len(connected) + 1 > (len(self._partner_nodes) + 1) / 2
         else:
             role = "follower" if leader_node is not None else "candidate"
+            if not self.voter:
+                role = "read-only"
             # A follower that lost every connection never times out its leader in PySyncObj (it starts no
             # election while connected to nobody), so being connected to the leader is what tells.
             quorum = leader_node is not None and sync.isNodeConnected(leader_node)
@@ -691,7 +721,11 @@ class ReplicatedRegistry:
         against, self._elect_against = self._elect_against, None
         if against is not None and not sample.is_leader:
             leader = sample.leader
-            if leader is None or leader.id == against:
+            if not self.voter:
+                if leader is not None and leader.id == against:
+                    log.info("%s: Raft leader %s is gone: waiting for the next one", self.server_id, against)
+                    sync.forget_leader()
+            elif leader is None or leader.id == against:
                 log.info("%s: Raft leader %s is gone: starting a Raft election now", self.server_id, against)
                 self.fast_elections += 1
                 sync.elect_now()
@@ -702,7 +736,9 @@ class ReplicatedRegistry:
 
     def leader_is_gone(self, server_id: str) -> None:
         """`server_id` was declared down: if this replica still follows it as Raft leader (or knows no
-        leader), start a Raft election at once instead of waiting out the election timeout (thread-safe)."""
+        leader), start a Raft election at once instead of waiting out the election timeout; a read-only
+        replica (it cannot stand) forgets that leader instead, so its commands wait for the next one rather
+        than go to the dead one (thread-safe)."""
         sync = self._sync
         if sync is None or self._closed or server_id not in self.config:
             return
@@ -712,7 +748,10 @@ class ReplicatedRegistry:
     def prefer_leader(self, server_id: str | None) -> None:
         """Ask that `server_id` lead Raft when it can: the Fast Bully coordinator submits every registry
         command, and a coordinator that also leads saves a round trip on each (thread-safe)."""
-        self._preferred_leader = None if server_id in (None, self.server_id) else self.config.server(server_id)
+        # A server that is not a voter cannot lead: no preference then, Raft keeps whichever voter leads and
+        # the coordinator's commands take the forward hop (docs/registry.md, "The voter core").
+        wanted = server_id is not None and server_id != self.server_id and self.config.is_voter(server_id)
+        self._preferred_leader = self.config.server(server_id) if wanted and server_id else None
 
     def _hand_over(self, sync: _SyncObj, preferred: ServerConfig) -> None:
         """PySyncObj's thread, while leading: hand leadership to the preferred server (Raft TimeoutNow),

@@ -62,6 +62,11 @@ def test_comments_and_blank_lines_are_ignored() -> None:
         ("a/b h 4000 6500 1\n", "server id 'a/b'"),
         ("a h 65000 6500 1\n", "admin_port 66000 (derived) is out of range"),
         ("# nothing\n", "no servers configured"),
+        ("a h 4000 6500 1\nvoters = a b\n", "conf.txt:2: voter 'b' is not a configured server"),
+        ("a h 4000 6500 1\nvoters = a a\n", "conf.txt:2: voter 'a' named twice"),
+        ("a h 4000 6500 1\nvoters =\n", "conf.txt:2: voters = needs at least one server id"),
+        ("voters = a\na h 4000 6500 1\nvoters = a\n", "conf.txt:3: voters given twice (first at conf.txt:1)"),
+        ("a h 4000 6500 1\nquorum = 3\n", "conf.txt:2: unknown setting 'quorum'"),
     ],
 )
 def test_bad_configuration_names_file_and_line(text: str, fragment: str) -> None:
@@ -86,6 +91,33 @@ def test_fingerprint_differs_between_clusters() -> None:
     two = parse_config("a h 4001 6500 1\n")
     assert one.fingerprint() != two.fingerprint()
     assert one.fingerprint() == parse_config("a h 4000 6500 1 # same\n").fingerprint()
+
+
+def servers(count: int) -> str:
+    return "".join(f"s{i} h {4000 + i} {9000 + i} {i}\n" for i in range(1, count + 1))
+
+
+def test_voters_default_to_the_five_highest_priorities_or_every_server_of_a_smaller_cluster() -> None:
+    assert parse_config(servers(3)).voter_ids == ("s3", "s2", "s1")
+    big = parse_config(servers(24))
+    assert big.voter_ids == ("s24", "s23", "s22", "s21", "s20")
+    assert big.is_voter("s20") and not big.is_voter("s19")
+    # The coordinator (highest priority alive) is a voter whenever any voter is alive.
+    assert big.voter_ids[0] == max(big.servers, key=lambda s: s.priority).server_id
+
+
+def test_the_voters_setting_names_them_in_any_order_and_anywhere_in_the_file() -> None:
+    config = parse_config("voters = s1 s3 # the core\n" + servers(4))
+    assert config.voter_ids == ("s3", "s1")  # highest priority first
+    assert config.ids == ("s1", "s2", "s3", "s4")
+
+
+def test_the_fingerprint_counts_the_voter_set_only_when_some_server_is_not_a_voter() -> None:
+    assert parse_config(servers(3)).fingerprint() == parse_config(servers(3) + "voters = s1 s2 s3\n").fingerprint()
+    assert parse_config(servers(3)).fingerprint() != parse_config(servers(3) + "voters = s2 s3\n").fingerprint()
+    assert (
+        parse_config(servers(7)).fingerprint() != parse_config(servers(7) + "voters = s1 s2 s3 s4 s5\n").fingerprint()
+    )
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

@@ -1,0 +1,99 @@
+"""The voter core (issue 16): voters commit, read-only replicas receive the log, serve reads and submit
+through the leader. ReplicatedRegistry nodes in this process, loopback only, no fixed sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from registry import state as rs
+from registry.client import RegistryUnavailable
+from registry.replicated import ReplicatedRegistry
+from tests.support import port_open, wait_until, write_config
+
+SECRET = "test-secret"
+
+
+@pytest.fixture
+def registries():
+    started: list[ReplicatedRegistry] = []
+    yield started
+    for registry in started:
+        registry.close()
+
+
+def cluster(
+    tmp_path: Path, registries: list[ReplicatedRegistry], count: int, voters: str = ""
+) -> list[ReplicatedRegistry]:
+    path = write_config(tmp_path, count)
+    if voters:
+        path.write_text(path.read_text() + f"voters = {voters}\n")
+    config = load_config(path)
+    nodes = [ReplicatedRegistry(config, sid, tmp_path / sid, SECRET) for sid in config.ids]
+    for node in nodes:
+        registries.append(node)
+        node.start()
+    wait_until(lambda: all(n.is_ready() and n.has_quorum() for n in nodes), 15, 0.01, "every replica ready")
+    return nodes
+
+
+def submit(node: ReplicatedRegistry, command: rs.Command, timeout: float = 3.0) -> rs.Result:
+    async def go() -> rs.Result:
+        return await node.submit(command, timeout)
+
+    return asyncio.run(go())
+
+
+def test_read_only_replicas_receive_the_log_and_submit_through_the_leader(tmp_path: Path, registries) -> None:
+    nodes = cluster(tmp_path, registries, 5, voters="s3 s4 s5")
+    by_id = {n.server_id: n for n in nodes}
+    assert [n.voter for n in nodes] == [False, False, True, True, True]
+    # A read-only node binds no Raft port; it is never a Raft leader or candidate.
+    assert not port_open("127.0.0.1", by_id["s1"].me.raft_port)
+    assert port_open("127.0.0.1", by_id["s3"].me.raft_port)
+    assert {by_id[s].status().role for s in ("s1", "s2")} == {"read-only"}
+    leader = by_id["s5"].status().leader
+    assert leader in ("s3", "s4", "s5")
+    assert by_id["s1"].status().leader == leader
+
+    assert submit(by_id["s1"], rs.ServerUp("u1", "s1", 1)).ok
+    assert submit(by_id["s1"], rs.ClaimIdentity("c1", "alice", "s1", 1)).ok
+    assert submit(by_id["s2"], rs.ClaimIdentity("c2", "alice", "s1", 1)).reason == "taken"
+    wait_until(lambda: len({n.applied_commands() for n in nodes}) == 1, 5, 0.01, "every replica applied all")
+    assert all(n.identity("alice") == rs.IdentityEntry("alice", "s1", 1) for n in nodes)
+
+
+def test_commits_wait_on_a_majority_of_voters_only(tmp_path: Path, registries) -> None:
+    """With both read-only nodes gone the three voters still commit; with two voters gone nothing does."""
+    nodes = cluster(tmp_path, registries, 5, voters="s3 s4 s5")
+    by_id = {n.server_id: n for n in nodes}
+    by_id["s1"].close()
+    by_id["s2"].close()
+    assert submit(by_id["s5"], rs.ServerUp("u5", "s5", 1)).ok
+    leader = by_id["s5"].status().leader
+    assert leader is not None
+    for sid in ("s3", "s4", "s5"):
+        if sid != leader:
+            by_id[sid].close()
+    with pytest.raises(RegistryUnavailable):
+        submit(by_id[leader], rs.ServerUp("u4", "s4", 1), timeout=1.0)
+
+
+def test_a_read_only_replica_forgets_a_dead_leader_and_follows_the_next(tmp_path: Path, registries) -> None:
+    nodes = cluster(tmp_path, registries, 4, voters="s2 s3 s4")
+    by_id = {n.server_id: n for n in nodes}
+    reader = by_id["s1"]
+    old = reader.status().leader
+    assert old is not None
+    by_id[old].close()
+    wait_until(lambda: not reader.has_quorum(), 5, 0.01, "the reader sees its leader's connection end")
+    reader.leader_is_gone(old)
+    wait_until(lambda: reader.status().leader != old, 5, 0.01, "the reader forgets the dead leader")
+    for sid, node in by_id.items():
+        if sid != old:
+            node.leader_is_gone(old)
+    wait_until(lambda: reader.has_quorum() and reader.status().leader not in (None, old), 10, 0.02, "a new leader")
+    assert submit(reader, rs.ServerUp("u1", "s1", 1)).ok
