@@ -305,7 +305,7 @@ class _SyncObj(SyncObj):
         append-entries arrive (a read-only node has no election timer), and forwards commands into the void
         meanwhile. Forget it, and fail the commands waiting for its reply (LEADER_CHANGED, so the caller
         retries at once); new commands wait for the next leader (`commandsWaitLeader`). PySyncObj's thread."""
-        if self._SyncObj__raftLeader is not None:
+        if getattr(self, "_SyncObj__raftLeader", None) is not None:
             self._SyncObj__raftLeader = None
             self._SyncObj__onLeaderChanged()
 
