@@ -72,7 +72,7 @@ class Processes:
         self.logs: dict[str, Path] = {}
 
     def start(
-        self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
+        self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None, cwd: Path = REPO
     ) -> subprocess.Popen[bytes]:
         log = log_dir / f"{name}.log"
         self.logs[name] = log
@@ -83,7 +83,7 @@ class Processes:
             full_env.update(env)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+                args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
             )
         self.procs[name] = proc
         return proc
