@@ -156,6 +156,15 @@ class Scenario:
         wait_until(lambda: not coordinator_problems(c, others), SETTLE_S, 0.1, "coordinator s5 on the majority")
         self.note(f"the others follow s5 ({now() - cut:.2f}s after the cut)")
         self.check(self.talk(alice, bob, "still here"), "alice and bob chat while s6 is away")
+        # The cut-off host cannot commit: it refuses a new name (after its bounded wait), never duplicates it.
+        lonely = Session("s6", c.client_address("s6"), label="s6")
+        self.sessions.append(lonely)
+        try:
+            refused = not lonely.login("frank", self.ledger)
+        except (SessionLost, NoReply):
+            refused = True
+        self.note(f"a login on the cut-off s6 refused: {refused}")
+        self.check(refused, "the cut-off s6 approved a login")
         self.check(self.session("s2", "dave").identity == "dave", "a login on s2 while s6 is away")
 
         c.lab.heal()
