@@ -148,9 +148,23 @@ def idle_cost(cluster: Cluster, window_s: float) -> dict[str, Any]:
 
 
 def login_p50(cluster: Cluster, server_id: str, count: int, tag: str) -> dict[str, Any]:
+    """Sequential login cycles on `server_id`, and the CPU the whole cluster spent per login meanwhile (every
+    replica applies every commit: on 2 cores that CPU, not the network, bounds a commit's latency)."""
+    pids = [int(cluster.procs.procs[sid].pid) for sid in cluster.ids]
+    cpu0 = sum(proc_cpu_s(pid) for pid in pids)
+    t0 = time.monotonic()
     phase = asyncio.run(login_cycles(cluster.client_address(server_id), 1, count, tag))
+    wall = time.monotonic() - t0
+    cluster_cpu = sum(proc_cpu_s(pid) for pid in pids) - cpu0
     summary = latency_summary(phase.latency["login"])
-    return {"server": server_id, "refused": phase.refused["login"], "load_avg_1m": load(), **summary}
+    return {
+        "server": server_id,
+        "refused": phase.refused["login"],
+        "load_avg_1m": load(),
+        "cluster_cpu_ms_per_login": round(1000 * cluster_cpu / max(count, 1), 2),
+        "cluster_cores_busy": round(cluster_cpu / wall, 2),
+        **summary,
+    }
 
 
 async def _race(cluster: Cluster, rounds: int) -> list[dict[str, Any]]:
@@ -230,7 +244,17 @@ def measure_size(size: int, args: argparse.Namespace, full: bool) -> dict[str, A
             if full:
                 lowest = cluster.ids[0]  # lowest priority: never the coordinator, a read-only replica beyond 5
                 row["login"] = login_p50(cluster, lowest, args.logins, f"s{size}")
-                log_step(f"{size} servers: login p50 {row['login']['p50_ms']:.1f} ms on {lowest}")
+                # What the logins cost beyond the idle burn measured just before (the cluster's idle cores
+                # times the phase's wall time, per login).
+                idle_cores = sum(row["idle"]["cpu_percent"].values()) / 100
+                per_login_s = row["login"]["cluster_cpu_ms_per_login"] / 1000
+                wall_per_login = per_login_s / max(row["login"]["cluster_cores_busy"], 1e-9)
+                row["login"]["idle_cluster_cores"] = round(idle_cores, 2)
+                row["login"]["marginal_cpu_ms_per_login"] = round(1000 * (per_login_s - idle_cores * wall_per_login), 2)
+                log_step(
+                    f"{size} servers: login p50 {row['login']['p50_ms']:.1f} ms on {lowest}, cluster CPU per login "
+                    f"{row['login']['cluster_cpu_ms_per_login']} ms"
+                )
                 if args.races:
                     row["races"] = asyncio.run(_race(cluster, args.races))
                     winners = [(r["identity"]["winners"], r["room"]["winners"]) for r in row["races"]]
