@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
         "taken_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(),
+        # Timings every server inherited from this process's environment (cluster/timings.py), and --timing.
+        "timings": {k: v for k, v in os.environ.items() if k.startswith("CHATMESH_TIMING_")} | timing_env(args.timing),
         "targets": TARGETS,
         "verdicts": checks,
         "rows": rows,
