@@ -97,3 +97,38 @@ def test_a_read_only_replica_forgets_a_dead_leader_and_follows_the_next(tmp_path
             node.leader_is_gone(old)
     wait_until(lambda: reader.has_quorum() and reader.status().leader not in (None, old), 10, 0.02, "a new leader")
     assert submit(reader, rs.ServerUp("u1", "s1", 1)).ok
+
+
+def test_read_only_replicas_get_the_log_at_the_heartbeat_period_not_per_commit(tmp_path: Path, registries) -> None:
+    """Only voters get the leader's immediate sends; read-only nodes get entries in batches each period."""
+    nodes = cluster(tmp_path, registries, 4, voters="s2 s3 s4")
+    by_id = {n.server_id: n for n in nodes}
+    leader = by_id[by_id["s1"].status().leader or ""]
+    sync = leader._sync
+    assert sync is not None
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    readonly = set(sync.readonlyNodes)
+    assert len(readonly) == 1
+    sent: list[str] = []
+    original = transport.send
+
+    def counting(node, message):  # PySyncObj's thread
+        if node in readonly and message.get("type") == "append_entries":
+            sent.append(message["type"])
+        return original(node, message)
+
+    transport.send = counting
+
+    async def burst() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(60):
+            assert (await leader.submit(rs.ServerUp(f"u{i}", "s1", i + 1), 3.0)).ok
+        return loop.time() - started
+
+    elapsed = asyncio.run(burst())
+    transport.send = original
+    periods = elapsed / leader.timings.append_entries_period_s
+    # Per commit PySyncObj would send at least two (the entry, then the commit index): 120 or more.
+    assert len(sent) <= periods + 5, (len(sent), periods)
+    wait_until(lambda: by_id["s1"].applied_commands() == leader.applied_commands(), 5, 0.01, "the reader catches up")
