@@ -22,7 +22,7 @@ from typing import Any
 from bench.common import RESULTS_DIR, ROOT, format_table, machine_info, write_report
 
 # In run order: the quick, quiet ones first, the one that loads the machine most last.
-BENCHES = ("registry", "election_messages", "approval", "fanout", "failover", "connections")
+BENCHES = ("registry", "election_messages", "approval", "fanout", "failover", "scale", "connections")
 # One bench may not run longer than this.
 BENCH_TIMEOUT_S = 600.0
 
