@@ -4,9 +4,11 @@
 
 Each approval crosses the whole cluster: the client's server asks the Fast Bully coordinator, which
 commits the claim to the Raft registry (a majority of the servers) before the client hears `approved`.
-For every cluster size, the bare registry commit (`bench.registry.commit_baseline`: one writer at the
-Raft leader, journal on) is measured right before and right after the chat cluster, and every figure is
-also given as a multiple of that commit's p50: on a shared machine that ratio is the figure that holds.
+For every cluster size, a bare registry of the same size (`bench.registry.registry_cluster`: PySyncObj
+nodes without the chat server, journal on) runs beside the chat cluster, and blocks of its commit (one
+writer at the Raft leader) are measured before, between and after the chunks of each phase. Every figure
+is also given as a multiple of the commit p50 measured around it: on a shared machine that ratio is the
+figure that holds.
 
 Modes:
 
@@ -31,6 +33,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.common import (
@@ -45,7 +48,7 @@ from bench.common import (
     machine_info,
     node_importable,
 )
-from bench.registry import commit_baseline
+from bench.registry import registry_cluster, run_load
 
 CONCURRENT_CLIENTS = 64
 # Targets of issue 14, as multiples of the bare commit p50 measured in the same run.
@@ -60,6 +63,8 @@ TARGET_P99_MS = 15.0
 TARGET_APPROVALS_PER_S = 1000.0
 # How long a bench waits for Raft leadership to follow the coordinator after the cluster started.
 LEADER_WAIT_S = 10.0
+# Sequential phases run in this many chunks, with a block of bare commits before, between and after.
+CHUNKS = 4
 # Warm-up requests per server before measuring (connections, caches, the Raft pipeline).
 WARMUP = 20
 
@@ -81,6 +86,13 @@ class Phase:
     @property
     def approvals(self) -> int:
         return sum(len(v) for v in self.latency.values())
+
+    def merge(self, other: Phase) -> Phase:
+        for kind in self.latency:
+            self.latency[kind] += other.latency[kind]
+            self.refused[kind] += other.refused[kind]
+        self.wall_s += other.wall_s
+        return self
 
 
 async def claim(client: LineClient, identity: str, room: str, phase: Phase) -> None:
@@ -156,17 +168,23 @@ async def login_cycles(address: tuple[str, int], workers: int, per_worker: int, 
     return phase
 
 
-def rows_of(where: str, mode: str, phase: Phase) -> list[dict[str, Any]]:
+def rows_of(where: str, mode: str, phase: Phase, commit: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for kind, seconds in phase.latency.items():
+        summary = latency_summary(seconds)
         rows.append(
             {
                 "client_on": where,
                 "mode": mode,
                 "request": kind,
-                **latency_summary(seconds),
+                **summary,
                 "refused": phase.refused[kind],
                 "approvals_per_s": phase.approvals / phase.wall_s if phase.wall_s else None,
+                # The bare commit measured right before, between and right after this phase's chunks.
+                "commit_p50_ms": commit["p50_ms"],
+                "commit_count": commit["count"],
+                "p50_x_commit": summary["p50_ms"] / commit["p50_ms"],
+                "p99_x_commit": summary["p99_ms"] / commit["p50_ms"],
             }
         )
     return rows
@@ -176,30 +194,86 @@ def log_step(text: str) -> None:
     print(f"  {text} ...", file=sys.stderr, flush=True)
 
 
-async def measure(cluster: Any, counts: dict[str, int], persistent: bool) -> list[dict[str, Any]]:
+class CommitProbe:
+    """The bare registry commit of the same size, measured in blocks between the chat phases (both clusters
+    run side by side), so that a phase is compared with commits taken seconds before and after it."""
+
+    def __init__(self, nodes: Any, leader: str, per_block: int) -> None:
+        self.nodes = nodes
+        self.leader = leader
+        self.per_block = per_block
+        self.blocks = 0
+        self.all_ms: list[float] = []
+        self.last: list[float] = []
+
+    async def block(self) -> list[float]:
+        self.blocks += 1
+        result = await asyncio.to_thread(
+            run_load, self.nodes, self.leader, self.per_block, 1, f"p{self.blocks}x", True
+        )
+        self.last = list(result["ms"])
+        self.all_ms += self.last
+        return self.last
+
+    async def around(self, chunks: int, run: Callable[[int], Awaitable[Phase]]) -> tuple[Phase, list[float]]:
+        """`run(i)` for each chunk, a commit block after each; the phase merged and the commits around it
+        (the block before the first chunk included)."""
+        merged: Phase | None = None
+        commits = list(self.last) if self.last else await self.block()
+        for i in range(chunks):
+            phase = await run(i)
+            merged = phase if merged is None else merged.merge(phase)
+            commits += await self.block()
+        assert merged is not None
+        return merged, commits
+
+
+async def measure(cluster: Any, counts: dict[str, int], persistent: bool, probe: CommitProbe) -> list[dict[str, Any]]:
     coordinator = cluster.wait_coordinator()
     other = next(s for s in cluster.ids if s != coordinator)
     leader = await wait_raft_leader(cluster, coordinator)
     keep: list[LineClient] = []
     rows: list[dict[str, Any]] = []
+    chunks = CHUNKS
+
+    def add(where: str, mode: str, measured: tuple[Phase, list[float]]) -> None:
+        phase, commits_ms = measured
+        rows.extend(rows_of(where, mode, phase, latency_summary([ms / 1000.0 for ms in commits_ms])))
+
     try:
         for where, server_id in (("coordinator", coordinator), ("other", other)):
             address = cluster.client_address(server_id)
-            await sequential(address, WARMUP, f"w{where[0]}", keep)
+            tag = where[0]
+            await sequential(address, WARMUP, f"w{tag}", keep)
             log_step(f"{where} ({server_id}): login cycle x{counts['login']}")
-            rows += rows_of(where, "login cycle", await login_cycles(address, 1, counts["login"], f"s{where[0]}"))
-            if persistent:
-                log_step(f"{where} ({server_id}): sequential x{counts['sequential']}")
-                rows += rows_of(
-                    where, "sequential", await sequential(address, counts["sequential"], f"s{where[0]}", keep)
-                )
-                log_step(f"{where} ({server_id}): {CONCURRENT_CLIENTS} concurrent x{counts['rounds']}")
-                phase = await concurrent(address, CONCURRENT_CLIENTS, counts["rounds"], f"k{where[0]}", keep)
-                rows += rows_of(where, f"{CONCURRENT_CLIENTS} concurrent", phase)
-        address = cluster.client_address(other)
+            per_chunk = max(1, counts["login"] // chunks)
+
+            async def cycles(i: int, address: tuple[str, int] = address, tag: str = tag, n: int = per_chunk) -> Phase:
+                return await login_cycles(address, 1, n, f"s{tag}{i}x")
+
+            add(where, "login cycle", await probe.around(chunks, cycles))
+            if not persistent:
+                continue
+            log_step(f"{where} ({server_id}): sequential x{counts['sequential']}")
+            per_chunk = max(1, counts["sequential"] // chunks)
+
+            async def claims(i: int, address: tuple[str, int] = address, tag: str = tag, n: int = per_chunk) -> Phase:
+                return await sequential(address, n, f"s{tag}{i}x", keep)
+
+            add(where, "sequential", await probe.around(chunks, claims))
+            log_step(f"{where} ({server_id}): {CONCURRENT_CLIENTS} concurrent x{counts['rounds']}")
+
+            async def many(i: int, address: tuple[str, int] = address, tag: str = tag) -> Phase:
+                return await concurrent(address, CONCURRENT_CLIENTS, counts["rounds"], f"k{tag}", keep)
+
+            add(where, f"{CONCURRENT_CLIENTS} concurrent", await probe.around(1, many))
         log_step(f"other ({other}): login cycle, {CONCURRENT_CLIENTS} concurrent x{counts['cycles']}")
-        phase = await login_cycles(address, CONCURRENT_CLIENTS, counts["cycles"], "k")
-        rows += rows_of("other", f"login cycle, {CONCURRENT_CLIENTS} concurrent", phase)
+        other_address = cluster.client_address(other)
+
+        async def many_cycles(i: int) -> Phase:
+            return await login_cycles(other_address, CONCURRENT_CLIENTS, counts["cycles"], "k")
+
+        add("other", f"login cycle, {CONCURRENT_CLIENTS} concurrent", await probe.around(1, many_cycles))
     finally:
         await asyncio.gather(*(c.close() for c in keep), return_exceptions=True)
     for row in rows:
@@ -230,21 +304,15 @@ def raft_leader(cluster: Any, server_id: str) -> str | None:
 
 
 def measure_size(size: int, counts: dict[str, int], persistent: bool, env: dict[str, str]) -> dict[str, Any]:
-    """One cluster size: the bare commit, the chat cluster, the bare commit again (pooled)."""
-    log_step(f"{size} servers: bare registry commit")
-    before = commit_baseline(size, counts["commits"], "b")
-    print(f"starting a {size}-server cluster ...", file=sys.stderr, flush=True)
-    with bench_cluster(size, env, "bench-approval-") as cluster:
-        rows = asyncio.run(measure(cluster, counts, persistent))
-    log_step(f"{size} servers: bare registry commit again")
-    after = commit_baseline(size, counts["commits"], "a")
-    pooled = [ms / 1000.0 for ms in before.pop("ms") + after.pop("ms")]
-    commit = {**latency_summary(pooled), "before_p50_ms": before["p50_ms"], "after_p50_ms": after["p50_ms"]}
+    """One cluster size: the bare registry and the chat cluster side by side, measured in turns."""
+    print(f"starting {size} bare registry nodes and a {size}-server chat cluster ...", file=sys.stderr, flush=True)
+    with registry_cluster(size) as (nodes, leader, _), bench_cluster(size, env, "bench-approval-") as cluster:
+        run_load(nodes, leader, 50, 1, "warm")
+        probe = CommitProbe(nodes, leader, counts["commits"])
+        rows = asyncio.run(measure(cluster, counts, persistent, probe))
+    commit = latency_summary([ms / 1000.0 for ms in probe.all_ms])
     for row in rows:
         row["servers"] = size
-        row["commit_p50_ms"] = commit["p50_ms"]
-        row["p50_x_commit"] = row["p50_ms"] / commit["p50_ms"]
-        row["p99_x_commit"] = row["p99_ms"] / commit["p50_ms"]
     return {"servers": size, "commit": commit, "rows": rows}
 
 
@@ -306,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="connections per persistent concurrent client (default 12, quick 2)")
     parser.add_argument("--logins", type=int, help="sequential login cycles per server (default 400, quick 100)")
     parser.add_argument("--cycles", type=int, help="login cycles per concurrent client (default 12, quick 3)")
-    parser.add_argument("--commits", type=int, help="bare commits before and after (default 300, quick 100)")
+    parser.add_argument("--commits", type=int, help="bare commits per block between phases (default 100, quick 40)")
     parser.add_argument("--out", default=str(default_out("approval")), help="where to write the JSON results")
     args = parser.parse_args(argv)
     counts = {
@@ -314,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds or (2 if args.quick else 12),
         "login": args.logins or (100 if args.quick else 400),
         "cycles": args.cycles or (3 if args.quick else 12),
-        "commits": args.commits or (100 if args.quick else 300),
+        "commits": args.commits or (40 if args.quick else 100),
     }
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.persistent_size and args.persistent_size not in sizes:
@@ -353,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     for result in per_size:
         c = result["commit"]
         first = result["rows"][0]
-        print(f"{result['servers']} servers: bare commit p50 {c['p50_ms']:.2f} ms (before {c['before_p50_ms']:.2f}, "
-              f"after {c['after_p50_ms']:.2f}), p99 {c['p99_ms']:.2f} ms; coordinator {first['coordinator']}, "
+        print(f"{result['servers']} servers: bare commit p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms "
+              f"({c['count']} commits); coordinator {first['coordinator']}, "
               f"Raft leader {first['raft_leader']}")  # fmt: skip
     met = verdicts(rows, args.persistent_size)
     print("targets: " + ", ".join(f"{k} {'-' if v is None else 'MET' if v else 'NOT MET'}" for k, v in met.items()))
