@@ -47,6 +47,8 @@ from bench.common import (
     latency_summary,
     machine_info,
     node_importable,
+    proc_cpu_s,
+    server_pid,
 )
 from bench.registry import registry_cluster, run_load
 
@@ -76,6 +78,7 @@ class Phase:
         self.latency: dict[str, list[float]] = {kind: [] for kind in kinds}
         self.refused: dict[str, int] = {kind: 0 for kind in kinds}
         self.wall_s = 0.0
+        self.cpu_s = 0.0  # CPU of the chat servers meanwhile
 
     def record(self, kind: str, reply: dict[str, Any], seconds: float) -> None:
         if reply.get("approved") == "true":
@@ -92,6 +95,7 @@ class Phase:
             self.latency[kind] += other.latency[kind]
             self.refused[kind] += other.refused[kind]
         self.wall_s += other.wall_s
+        self.cpu_s += other.cpu_s
         return self
 
 
@@ -185,6 +189,10 @@ def rows_of(where: str, mode: str, phase: Phase, commit: dict[str, Any]) -> list
                 "commit_count": commit["count"],
                 "p50_x_commit": summary["p50_ms"] / commit["p50_ms"],
                 "p99_x_commit": summary["p99_ms"] / commit["p50_ms"],
+                # CPU of all chat servers per approval, against the bare nodes' CPU per commit.
+                "server_cpu_ms_per_approval": 1000.0 * phase.cpu_s / max(1, phase.approvals),
+                "commit_cpu_ms": commit["cpu_ms_per_commit"],
+                "cpu_x_commit": 1000.0 * phase.cpu_s / max(1, phase.approvals) / commit["cpu_ms_per_commit"],
             }
         )
     return rows
@@ -196,36 +204,54 @@ def log_step(text: str) -> None:
 
 class CommitProbe:
     """The bare registry commit of the same size, measured in blocks between the chat phases (both clusters
-    run side by side), so that a phase is compared with commits taken seconds before and after it."""
+    run side by side), so that a phase is compared with commits taken seconds before and after it. Also the
+    CPU both sides use: the chat servers during each chunk, the bare nodes during each block (from /proc),
+    which a busy machine disturbs far less than latency."""
 
-    def __init__(self, nodes: Any, leader: str, per_block: int) -> None:
+    def __init__(self, nodes: Any, leader: str, per_block: int, chat_pids: list[int]) -> None:
         self.nodes = nodes
         self.leader = leader
         self.per_block = per_block
+        self.chat_pids = chat_pids
+        self.node_pids = [int(proc.pid) for proc in nodes.procs.procs.values()]
         self.blocks = 0
         self.all_ms: list[float] = []
-        self.last: list[float] = []
+        self.all_cpu_s = 0.0
+        self.last: tuple[list[float], float] = ([], 0.0)
 
-    async def block(self) -> list[float]:
+    async def block(self) -> tuple[list[float], float]:
+        """One block of commits: (latencies in ms, CPU seconds the bare nodes used)."""
         self.blocks += 1
+        cpu0 = cpu_s(self.node_pids)
         result = await asyncio.to_thread(
             run_load, self.nodes, self.leader, self.per_block, 1, f"p{self.blocks}x", True
         )
-        self.last = list(result["ms"])
-        self.all_ms += self.last
+        self.last = (list(result["ms"]), cpu_s(self.node_pids) - cpu0)
+        self.all_ms += self.last[0]
+        self.all_cpu_s += self.last[1]
         return self.last
 
-    async def around(self, chunks: int, run: Callable[[int], Awaitable[Phase]]) -> tuple[Phase, list[float]]:
-        """`run(i)` for each chunk, a commit block after each; the phase merged and the commits around it
-        (the block before the first chunk included)."""
+    async def around(self, chunks: int, run: Callable[[int], Awaitable[Phase]]) -> tuple[Phase, dict[str, Any]]:
+        """`run(i)` for each chunk, a commit block after each; the phase merged (with the chat servers' CPU)
+        and the commits around it (the block before the first chunk included)."""
         merged: Phase | None = None
-        commits = list(self.last) if self.last else await self.block()
+        ms, cpu = self.last if self.last[0] else await self.block()
+        commits, commit_cpu = list(ms), cpu
         for i in range(chunks):
+            cpu0 = cpu_s(self.chat_pids)
             phase = await run(i)
+            phase.cpu_s = cpu_s(self.chat_pids) - cpu0
             merged = phase if merged is None else merged.merge(phase)
-            commits += await self.block()
+            ms, cpu = await self.block()
+            commits += ms
+            commit_cpu += cpu
         assert merged is not None
-        return merged, commits
+        summary = latency_summary([m / 1000.0 for m in commits])
+        return merged, {**summary, "cpu_ms_per_commit": 1000.0 * commit_cpu / max(1, len(commits))}
+
+
+def cpu_s(pids: list[int]) -> float:
+    return sum(proc_cpu_s(pid) for pid in pids)
 
 
 async def measure(cluster: Any, counts: dict[str, int], persistent: bool, probe: CommitProbe) -> list[dict[str, Any]]:
@@ -236,9 +262,8 @@ async def measure(cluster: Any, counts: dict[str, int], persistent: bool, probe:
     rows: list[dict[str, Any]] = []
     chunks = CHUNKS
 
-    def add(where: str, mode: str, measured: tuple[Phase, list[float]]) -> None:
-        phase, commits_ms = measured
-        rows.extend(rows_of(where, mode, phase, latency_summary([ms / 1000.0 for ms in commits_ms])))
+    def add(where: str, mode: str, measured: tuple[Phase, dict[str, Any]]) -> None:
+        rows.extend(rows_of(where, mode, *measured))
 
     try:
         for where, server_id in (("coordinator", coordinator), ("other", other)):
@@ -308,9 +333,10 @@ def measure_size(size: int, counts: dict[str, int], persistent: bool, env: dict[
     print(f"starting {size} bare registry nodes and a {size}-server chat cluster ...", file=sys.stderr, flush=True)
     with registry_cluster(size) as (nodes, leader, _), bench_cluster(size, env, "bench-approval-") as cluster:
         run_load(nodes, leader, 50, 1, "warm")
-        probe = CommitProbe(nodes, leader, counts["commits"])
+        probe = CommitProbe(nodes, leader, counts["commits"], [server_pid(cluster, s) for s in cluster.ids])
         rows = asyncio.run(measure(cluster, counts, persistent, probe))
     commit = latency_summary([ms / 1000.0 for ms in probe.all_ms])
+    commit["cpu_ms_per_commit"] = 1000.0 * probe.all_cpu_s / max(1, len(probe.all_ms))
     for row in rows:
         row["servers"] = size
     return {"servers": size, "commit": commit, "rows": rows}
@@ -398,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for result in per_size for row in result["rows"]]
 
     header = ("servers", "client on", "mode", "request", "n", "refused", "p50 ms", "p99 ms", "max ms",
-              "p50/commit", "p99/commit", "approvals/s")  # fmt: skip
+              "p50/commit", "p99/commit", "cpu/commit", "approvals/s")  # fmt: skip
     table = [
         (
             r["servers"],
@@ -412,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             r["max_ms"],
             f"{r['p50_x_commit']:.2f}x",
             f"{r['p99_x_commit']:.2f}x",
+            f"{r['cpu_x_commit']:.2f}x",
             "-" if r["approvals_per_s"] is None else f"{r['approvals_per_s']:.0f}",
         )
         for r in rows
