@@ -53,6 +53,10 @@ from bully.messages import (
     Nomination,
     View,
 )
+from cluster.timings import ClusterTimings
+
+# Every default comes from the one table of timings (cluster/timings.py), where they are documented.
+_DEFAULTS = ClusterTimings()
 
 State = Literal["starting", "idle", "holdoff", "electing", "nominating", "waiting", "blocked"]
 
@@ -71,26 +75,32 @@ class ElectionTimings:
     T2 + k*T3, or answerers start rival elections while the initiator is still nominating.
     """
 
-    heartbeat_interval_s: float = 0.1
-    suspect_after_s: float = 0.75
-    answer_timeout_s: float = 0.3
-    coordinator_timeout_s: float = 0.3
-    max_nominees: int = 2
-    nomination_timeout_s: float = 1.2
+    heartbeat_interval_s: float = _DEFAULTS.heartbeat_interval_s
+    suspect_after_s: float = _DEFAULTS.suspect_after_s
+    # Adaptive suspicion (bully/failure_detector.py): the window stretches to this many times a peer's
+    # recent heartbeat gaps, up to `suspect_max_s`, plus the observer's own lateness.
+    suspect_gap_factor: float = _DEFAULTS.suspect_gap_factor
+    suspect_max_s: float = _DEFAULTS.suspect_max_s
+    answer_timeout_s: float = _DEFAULTS.answer_timeout_s
+    coordinator_timeout_s: float = _DEFAULTS.coordinator_timeout_s
+    max_nominees: int = int(_DEFAULTS.max_nominees)
+    nomination_timeout_s: float = _DEFAULTS.nomination_timeout_s
     # Not in the paper: how long a non-top server waits for the top survivor after the coordinator fails,
     # and how often a server blocked by its registry re-checks `can_lead()`.
-    holdoff_s: float = 0.1
-    lead_retry_s: float = 0.2
+    holdoff_s: float = _DEFAULTS.holdoff_s
+    lead_retry_s: float = _DEFAULTS.lead_retry_s
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_interval_s", "suspect_after_s", "answer_timeout_s", "coordinator_timeout_s",
-                     "nomination_timeout_s", "holdoff_s", "lead_retry_s"):  # fmt: skip
+        for name in ("heartbeat_interval_s", "suspect_after_s", "suspect_max_s", "answer_timeout_s",
+                     "coordinator_timeout_s", "nomination_timeout_s", "holdoff_s", "lead_retry_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_nominees < 1:
             raise ValueError("max_nominees must be at least 1")
         if self.suspect_after_s < 2 * self.heartbeat_interval_s:
             raise ValueError("suspect_after_s must cover at least two heartbeat intervals")
+        if self.suspect_max_s < self.suspect_after_s or self.suspect_gap_factor < 1:
+            raise ValueError("need suspect_max_s >= suspect_after_s and suspect_gap_factor >= 1")
         budget = self.answer_timeout_s + self.max_nominees * self.coordinator_timeout_s
         if not self.nomination_timeout_s > budget:
             raise ValueError(f"T4 ({self.nomination_timeout_s}s) must exceed T2 + k*T3 ({budget}s)")

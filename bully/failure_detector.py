@@ -1,20 +1,37 @@
-"""Heartbeat failure detector, pure: the caller reports heartbeats and asks for events at its deadlines.
+"""Heartbeat failure detector, pure: the caller reports heartbeats and connection events and asks for
+events at its deadlines.
 
 Theory of operation
 -------------------
 Every server heartbeats every other one every `heartbeat_interval_s` (100 ms by default). A peer is *up*
-from the first heartbeat heard and is declared *down* (`PeerDown`) once nothing has been heard from it for
-`suspect_after_s` (T1, 750 ms by default: about seven missed heartbeats, so a SIGKILLed server is noticed
-in under a second while a live server whose loop stalls for a few hundred milliseconds on a busy 2-core
-machine is not). A heartbeat from a down peer brings it back (`PeerUp`).
+from the first heartbeat heard and is declared *down* (`PeerDown`) on one of two kinds of evidence:
+
+Certain: the caller reports that its connection to the peer ended (`connection_lost`: EOF or RST) and that
+a reconnect was then refused (`reconnect_refused`: nothing listens on the peer's port). The process is gone
+while its host is up: the peer is down at once (`PeerDown.certain`), with no timeout. A refused connect
+alone, without a lost connection before it, proves nothing (the peer may never have been reached), and a
+heartbeat heard after the loss cancels it.
+
+Silence: a frozen (SIGSTOP) or cut-off peer closes nothing, so only a timeout tells. A peer is declared
+down once nothing has been heard from it for its *suspicion window*, which adapts to what is observed:
+- the base is `suspect_after_s` (T1, 750 ms by default: about seven heartbeats);
+- a peer whose recent heartbeats came in gaps of g seconds (its own loop is late: a busy machine) gets
+  `suspect_gap_factor` * g when that is longer (the largest of its last `GAP_HISTORY` gaps);
+- the window never exceeds `suspect_max_s`;
+- and the observer's own lateness is added on top: when the caller's timer fires late by `lag` seconds
+  (`observer_late`), every up peer's silence is credited `lag` (up to `suspect_max_s`), because heartbeats
+  that arrived meanwhile are still waiting to be read. The credit is cleared by the next heartbeat.
+A starved machine therefore stretches its deadlines instead of declaring healthy peers dead, while a peer
+frozen on a quiet machine is still declared down after T1.
 
 Incarnations: every heartbeat carries the sender's incarnation (a number that grows with every restart).
 A larger incarnation means the peer restarted, perhaps faster than T1: the detector reports `PeerDown` for
 the old life (the node layer purges what that life held) followed by `PeerUp` for the new one. A smaller
-incarnation is a delayed heartbeat of a dead life and is ignored.
+incarnation is a delayed heartbeat of a dead life and is ignored. A heartbeat from a down peer brings it
+back (`PeerUp`).
 
 Our own stalls: if the detector itself has not been consulted for `stall_after_s` (the process was stopped
-or starved), silence proves nothing about the peers, so each up peer gets a fresh T1 window instead of all
+or starved), silence proves nothing about the peers, so each up peer gets a fresh window instead of all
 being declared down at once.
 
 States per peer: unknown (never heard; no event), up, down. Events come out of `check(now)` in sorted peer
@@ -23,14 +40,19 @@ order, so a seeded simulation replays exactly.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+# Heartbeat gaps remembered per peer for its suspicion window.
+GAP_HISTORY = 8
 
 
 @dataclass(frozen=True, slots=True)
 class PeerDown:
     peer: str
     incarnation: int  # the last incarnation heard from it
+    certain: bool = False  # a closed connection and a refused reconnect, not silence
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +71,16 @@ class FailureDetector:
         heartbeat_interval_s: float,
         suspect_after_s: float,
         stall_after_s: float | None = None,
+        suspect_gap_factor: float = 3.0,
+        suspect_max_s: float | None = None,
     ) -> None:
-        assert heartbeat_interval_s > 0 and suspect_after_s > heartbeat_interval_s
+        assert heartbeat_interval_s > 0 and suspect_after_s > heartbeat_interval_s and suspect_gap_factor >= 1
         self._peers = frozenset(peers)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.suspect_after_s = suspect_after_s
+        self.suspect_gap_factor = suspect_gap_factor
+        self.suspect_max_s = suspect_max_s if suspect_max_s is not None else 4 * suspect_after_s
+        assert self.suspect_max_s >= suspect_after_s
         # Our callers consult us at least every heartbeat interval (they send heartbeats on the same timer);
         # a gap several times longer means we were not running.
         self.stall_after_s = (
@@ -61,12 +88,15 @@ class FailureDetector:
         )
         self._last_heard: dict[str, float] = {}
         self._incarnation: dict[str, int] = {}
+        self._gaps: dict[str, deque[float]] = {}
+        self._credit: dict[str, float] = {}  # observer lateness since the peer was last heard
+        self._lost: set[str] = set()  # up peers whose connection ended since they were last heard
         self._up: set[str] = set()
         self._pending: list[PeerEvent] = []
         self._last_activity: float | None = None
-        # A lower bound of the earliest suspicion deadline: heard() only moves deadlines later, so a bound
-        # computed once stays valid and check() can return at once until it passes.
-        self._earliest: float | None = None
+        self._earliest: float | None = None  # the earliest suspicion deadline of an up peer
+        self.certain_downs = 0
+        self.silent_downs = 0
 
     def heard(self, peer: str, incarnation: int, now: float) -> None:
         """A heartbeat from `peer` arrived at `now`."""
@@ -79,32 +109,69 @@ class FailureDetector:
         if known is not None and incarnation > known and peer in self._up:
             self._up.discard(peer)
             self._pending.append(PeerDown(peer, known))
+            self._gaps.pop(peer, None)
+        previous = self._last_heard.get(peer)
+        if peer in self._up and previous is not None and now > previous:
+            self._gaps.setdefault(peer, deque(maxlen=GAP_HISTORY)).append(now - previous)
         self._incarnation[peer] = incarnation
         self._last_heard[peer] = now
+        self._credit.pop(peer, None)
+        self._lost.discard(peer)
         if peer not in self._up:
             self._up.add(peer)
             self._pending.append(PeerUp(peer, incarnation))
-            if self._earliest is None or now + self.suspect_after_s < self._earliest:
-                self._earliest = now + self.suspect_after_s
+        self._earliest = self._exact_earliest()
+
+    def connection_lost(self, peer: str, now: float) -> None:
+        """Our connection to `peer` ended (EOF or reset): a refused reconnect now proves it is gone."""
+        if peer in self._up:
+            self._observe(now)
+            self._lost.add(peer)
+
+    def reconnect_refused(self, peer: str, now: float) -> None:
+        """A connection attempt to `peer` was refused (nothing listens on its port)."""
+        if peer not in self._lost or peer not in self._up:
+            return
+        self._observe(now)
+        self._lost.discard(peer)
+        self._up.discard(peer)
+        self.certain_downs += 1
+        self._pending.append(PeerDown(peer, self._incarnation[peer], certain=True))
+        self._earliest = self._exact_earliest()
+
+    def observer_late(self, lag_s: float) -> None:
+        """The caller's own timer fired `lag_s` late: credit every up peer's silence with it."""
+        if lag_s <= 0:
+            return
+        for peer in self._up:
+            self._credit[peer] = min(self._credit.get(peer, 0.0) + lag_s, self.suspect_max_s)
+        self._earliest = self._exact_earliest()
+
+    def window(self, peer: str) -> float:
+        """How long `peer` may be silent before it is declared down (the adaptive suspicion window)."""
+        gaps = self._gaps.get(peer)
+        base = self.suspect_after_s
+        if gaps:
+            base = max(base, self.suspect_gap_factor * max(gaps))
+        return min(base, self.suspect_max_s) + self._credit.get(peer, 0.0)
 
     def check(self, now: float) -> list[PeerEvent]:
-        """Events since the last call: peers first heard, restarted, recovered, or silent for T1."""
+        """Events since the last call: peers first heard, restarted, recovered, gone, or silent too long."""
         self._observe(now)
         events, self._pending = self._pending, []
         if self._earliest is None or now < self._earliest:
             return events
         for peer in sorted(self._up):
-            if now >= self._last_heard[peer] + self.suspect_after_s:
+            if now >= self._last_heard[peer] + self.window(peer):
                 self._up.discard(peer)
+                self._lost.discard(peer)
+                self.silent_downs += 1
                 events.append(PeerDown(peer, self._incarnation[peer]))
         self._earliest = self._exact_earliest()
         return events
 
     def next_deadline(self) -> float | None:
-        """When `check` may next have something to report (-inf if events are pending).
-
-        Possibly early, never late: a call to `check` at that time re-computes the exact deadline.
-        """
+        """When `check` next has something to report (-inf if events are pending)."""
         if self._pending:
             return float("-inf")
         return self._earliest
@@ -119,7 +186,7 @@ class FailureDetector:
     def _exact_earliest(self) -> float | None:
         if not self._up:
             return None
-        return min(self._last_heard[p] for p in self._up) + self.suspect_after_s
+        return min(self._last_heard[p] + self.window(p) for p in self._up)
 
     def _observe(self, now: float) -> None:
         last = self._last_activity
@@ -127,5 +194,6 @@ class FailureDetector:
         if last is not None and now - last > self.stall_after_s:
             for peer in self._up:
                 self._last_heard[peer] = max(self._last_heard[peer], now)
+                self._credit.pop(peer, None)
             if self._up:
                 self._earliest = self._exact_earliest()

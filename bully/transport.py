@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from cluster.config import ClusterConfig
 from cluster.framing import MAX_LINE_BYTES, FrameError, LineDecoder, LineTooLong, decode_object, encode
@@ -71,11 +71,31 @@ COMPLAINT_INTERVAL_S = 10.0
 MAX_COMPLAINT_KEYS = 256
 
 NotifyHandler = Callable[[str, dict[str, Any]], None]
+# Evidence about a peer's process for the failure detector: our connection to it ended ("lost"), or a
+# connection attempt was refused ("refused": nothing listens on its port).
+LinkEvent = Literal["lost", "refused"]
+LinkEventHandler = Callable[[str, LinkEvent], None]
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class RequestFailed(Exception):
     """A request got no reply: timeout, peer unreachable, connection lost, or the peer's handler failed."""
+
+
+class Transport(Protocol):
+    """The coordination channel as the election and the node use it. Two implementations keep one contract
+    (tests/unit/test_transport_contract.py runs the same suite against both): `TcpTransport` here, and
+    `bully.memory_transport.MemoryTransport` for the simulations."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def on_notify(self, handler: NotifyHandler) -> None: ...
+    def on_link_event(self, handler: LinkEventHandler) -> None: ...
+    def on_request(self, kind: str, handler: RequestHandler) -> None: ...
+    def send(self, peer: str, message: dict[str, Any]) -> bool: ...
+    def broadcast(self, message: dict[str, Any]) -> None: ...
+    async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]: ...
+    def complain(self, key: str, text: str, level: int = logging.WARNING) -> None: ...
 
 
 class AuthError(Exception):
@@ -108,7 +128,7 @@ def _fresh(ts: object) -> bool:
     return isinstance(ts, int | float) and not isinstance(ts, bool) and abs(time.time() - ts) <= MAX_CLOCK_SKEW_S
 
 
-class _Complaints:
+class Complaints:
     """Log each kind of complaint once, then at most once per COMPLAINT_INTERVAL_S with a count."""
 
     def __init__(self) -> None:
@@ -143,7 +163,7 @@ class _Channel:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: TcpTransport,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str,
@@ -261,7 +281,7 @@ class _Link:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class Transport:
+class TcpTransport:
     def __init__(self, config: ClusterConfig, self_id: str, secret: bytes, max_queue: int = 1024) -> None:
         if not secret:
             raise ValueError("the cluster secret must not be empty")
@@ -278,6 +298,7 @@ class Transport:
             if s.server_id != self_id
         }
         self._notify_handlers: list[NotifyHandler] = []
+        self._link_handlers: list[LinkEventHandler] = []
         self._request_handlers: dict[str, RequestHandler] = {}
         self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._request_ids = itertools.count(1)
@@ -290,7 +311,7 @@ class Transport:
         self._server: asyncio.Server | None = None
         self._closing = False
         self._rng = random.Random()
-        self.complain = _Complaints()
+        self.complain = Complaints()
         self.frames_dropped = 0
 
     # -- lifetime ----------------------------------------------------------------------------------------------
@@ -338,6 +359,17 @@ class Transport:
     def on_notify(self, handler: NotifyHandler) -> None:
         """Call `handler(sender, message)` for every notification (several handlers may be registered)."""
         self._notify_handlers.append(handler)
+
+    def on_link_event(self, handler: LinkEventHandler) -> None:
+        """Call `handler(peer, event)` when our connection to a peer ends or a reconnect is refused."""
+        self._link_handlers.append(handler)
+
+    def _link_event(self, peer: str, event: LinkEvent) -> None:
+        for handler in self._link_handlers:
+            try:
+                handler(peer, event)
+            except Exception:
+                log.exception("link event handler failed on %s %s", event, peer)
 
     def on_request(self, kind: str, handler: RequestHandler) -> None:
         """Serve requests whose message has this "kind"; an exception becomes an error reply."""
@@ -450,6 +482,8 @@ class Transport:
                 channel = await self._connect(link)
             except (OSError, TimeoutError, AuthError, FrameError, LineTooLong, asyncio.IncompleteReadError) as exc:
                 link.unreachable = True
+                if isinstance(exc, ConnectionRefusedError) and not self._closing:
+                    self._link_event(link.peer, "refused")
                 self._fail_queue(link, f"unreachable ({exc or type(exc).__name__})")
                 reason = str(exc) or type(exc).__name__
                 self.complain(f"connect:{link.peer}", f"cannot reach {link.peer}: {reason}", logging.INFO)
@@ -469,6 +503,9 @@ class Transport:
                 link.channel = None
                 channel.close()
                 self._fail_requests(channel, f"connection to {link.peer} lost")
+            if not self._closing:
+                self._link_event(link.peer, "lost")
+            # A connection that was stable is retried at once: a refusal then says the peer's process is gone.
             if time.monotonic() - started < STABLE_CONNECTION_S:
                 await self._backoff(link, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)

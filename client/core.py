@@ -4,7 +4,7 @@ No I/O (like h11: the shell owns the sockets and the terminal). Every call retur
 shell applies in order: `Send` a message on the current connection, `Show` a line on stdout, `Hint` an
 explanation on stderr, `FollowRoute` / `AdoptRoute` / `AbandonRoute` for a server change, `Reconnect` after
 a lost connection, `Exit` with a status. The printed lines are exactly the Java client's
-(shared/protocol.md, "The Java client's view"), so a user of either feels at home.
+(docs/protocol.md, "The Java client's view"), so a user of either feels at home.
 
 Theory of operation
 -------------------

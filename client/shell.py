@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -58,6 +59,7 @@ class ShellOptions:
     reconnect_timeout_s: float = 30.0
     retry_pause_s: float = 1.0
     debug: bool = False
+    tls: ssl.SSLContext | None = None  # --tls: every connection (routes and reconnections too) uses it
 
 
 # --- events ----------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ class ClientShell:
         reasons = []
         for address in self.addresses:
             try:
-                return await Connection.open(address, self.options.connect_timeout_s)
+                return await Connection.open(address, self.options.connect_timeout_s, self.options.tls)
             except ConnectionFailed as exc:
                 reasons.append(str(exc))
                 if address is not self.addresses[-1]:
@@ -408,7 +410,7 @@ class ClientShell:
         )
         connection: Connection | None = None
         try:
-            connection = await Connection.open(address, self.options.connect_timeout_s)
+            connection = await Connection.open(address, self.options.connect_timeout_s, self.options.tls)
             if self.options.debug:
                 self.output.hint(f"-> {json.dumps(effect.movejoin)}")
             await connection.send(effect.movejoin)

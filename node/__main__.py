@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, load_config
+from cluster.timings import ClusterTimings
+from node import tls
 from node.limits import Limits
+from node.websocket import ORIGINS_ENV
 
 SECRET_ENV = "CHATMESH_SECRET"
 ADMIN_TOKEN_ENV = "CHATMESH_ADMIN_TOKEN"
@@ -57,10 +60,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin-loopback-only", action="store_true", help="serve admin reads to loopback only")
     parser.add_argument("--log-level", default=os.environ.get("CHATMESH_LOG_LEVEL", "INFO"))
     parser.add_argument(
+        "--timing",
+        action="append",
+        default=[],
+        metavar="FIELD=SECONDS",
+        help="override one timing of cluster/timings.py (repeatable; after $CHATMESH_TIMING_<FIELD>)",
+    )
+    parser.add_argument(
         "--event-loop",
         default=os.environ.get(EVENT_LOOP_ENV) or "asyncio",
         help=f"{' or '.join(EVENT_LOOPS)} (default ${EVENT_LOOP_ENV}, else asyncio)",
     )
+    tls.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -92,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         secret = read_secret(SECRET_ENV, args.cluster_secret_file, "cluster secret", required=True)
         token = read_secret(ADMIN_TOKEN_ENV, args.admin_token_file, "admin token", required=False)
         limits = Limits.from_env(os.environ)
+        timings = ClusterTimings.from_sources(os.environ, args.timing)
+        tls_options = tls.options_from(args, os.environ)
         run_loop = loop_runner(args.event_loop)
     except (ConfigError, StartupError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
@@ -108,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         admin_token=token,
         admin_loopback_only=args.admin_loopback_only,
         limits=limits,
+        timings=timings,
+        tls=tls_options,
+        ws_origins=os.environ.get(ORIGINS_ENV, ""),
     )
     node = Node(config, args.id, options)
 

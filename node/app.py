@@ -12,50 +12,72 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
-from bully.transport import Transport
+from bully.transport import TcpTransport, Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
-from node.admin import create_app, serve_admin
-from node.coordinator import (
-    RECONCILE_INTERVAL_S,
-    REQUEST_KIND,
-    STARTUP_GRACE_S,
-    ClusterDirectory,
-    CoordinatorService,
-)
+from cluster.timings import ClusterTimings
+from node.admin import Schemes, create_app
+from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService, Registry
 from node.limits import Limits
+from node.membership import MembershipPolicy, MembershipView
+from node.reconcile import Reconciler
 from node.server import ChatServer
 from node.snapshot import build_snapshot
 from node.stall import StallGuard
 from node.status import EventLog, SnapshotBox
+from node.tls import TlsOptions, serve_admin_app
+from node.websocket import listener_for, ws_url
 from registry import state as rs
-from registry.replicated import RegistryUnavailable, ReplicatedRegistry
+from registry.replicated import RaftStatus, RaftTimings, RegistryUnavailable, ReplicatedRegistry
 
 log = logging.getLogger("chatmesh.node")
 
-# How often the coordinator compares registry membership with the failure detector.
-MEMBERSHIP_INTERVAL_S = 0.1
 # How often the admin snapshot is refreshed (also refreshed on every change).
 SNAPSHOT_INTERVAL_S = 0.25
-# One attempt to commit this server's own "server up"/"server down".
-ANNOUNCE_TIMEOUT_S = 2.0
 # How long a clean stop may spend telling clients and releasing entries.
 SHUTDOWN_TIMEOUT_S = 5.0
 # Admin actions wait this long for the loop.
 ADMIN_ACTION_TIMEOUT_S = 10.0
-# The stall watchdog ticks this often; a longer gap closes client input until a registry barrier commits.
-STALL_TICK_S = 0.05
+# Pause between barrier attempts after a stall (the timings are in cluster/timings.py).
 RETRY_AFTER_STALL_S = 0.1
-# Below the failure timeout by two heartbeats: no peer can have declared this server down after a shorter
-# stall than this, so shorter ones need no check.
-STALL_THRESHOLD_S = ElectionTimings().suspect_after_s - 2 * ElectionTimings().heartbeat_interval_s
+
+
+def election_timings(t: ClusterTimings) -> ElectionTimings:
+    return ElectionTimings(
+        heartbeat_interval_s=t.heartbeat_interval_s,
+        suspect_after_s=t.suspect_after_s,
+        suspect_gap_factor=t.suspect_gap_factor,
+        suspect_max_s=t.suspect_max_s,
+        answer_timeout_s=t.answer_timeout_s,
+        coordinator_timeout_s=t.coordinator_timeout_s,
+        max_nominees=int(t.max_nominees),
+        nomination_timeout_s=t.nomination_timeout_s,
+        holdoff_s=t.holdoff_s,
+        lead_retry_s=t.lead_retry_s,
+    )
+
+
+def raft_timings(t: ClusterTimings) -> RaftTimings:
+    return RaftTimings(
+        append_entries_period_s=t.raft_append_entries_period_s,
+        raft_min_timeout_s=t.raft_min_timeout_s,
+        raft_max_timeout_s=t.raft_max_timeout_s,
+        connection_timeout_s=t.raft_connection_timeout_s,
+        connection_retry_s=t.raft_connection_retry_s,
+        leader_fallback_timeout_s=t.raft_leader_fallback_timeout_s,
+        auto_tick_period_s=t.raft_tick_period_s,
+        commit_timeout_s=t.commit_timeout_s,
+        leader_hand_over_interval_s=t.raft_hand_over_interval_s,
+    )
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,25 @@ class NodeOptions:
     admin_token: str | None = None
     admin_loopback_only: bool = False
     limits: Limits = field(default_factory=Limits)
+    timings: ClusterTimings = field(default_factory=ClusterTimings)
+    tls: TlsOptions = field(default_factory=TlsOptions)
+    ws_origins: str = ""  # extra browser origins allowed on the WebSocket port (CHATMESH_WS_ORIGINS)
+
+
+class NodeRegistry(Registry, Protocol):
+    """What the node needs of its registry replica: `ReplicatedRegistry`, or the simulation's Raft model."""
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def add_listener(self, callback: Callable[[rs.Command, rs.Result], None]) -> None: ...
+    def is_ready(self) -> bool: ...
+    def has_quorum(self) -> bool: ...
+    def servers_up(self) -> dict[str, int]: ...
+    def prefer_leader(self, server_id: str | None) -> None: ...
+    def leader_is_gone(self, server_id: str) -> None: ...
+    def status(self) -> RaftStatus: ...
+    def counts(self) -> dict[str, int]: ...
+    def applied_commands(self) -> int: ...
 
 
 def new_incarnation() -> int:
@@ -73,7 +114,21 @@ def new_incarnation() -> int:
 
 
 class Node:
-    def __init__(self, config: ClusterConfig, server_id: str, options: NodeOptions) -> None:
+    """One server. `registry` and `transport` default to the real ones (PySyncObj, TCP); a simulation passes
+    its own, and `listen=False` keeps the client and admin ports unbound (its clients are handed to
+    `chat.serve_stream` directly). `rng` drives the election's timer jitter (seeded in a simulation)."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        server_id: str,
+        options: NodeOptions,
+        *,
+        registry: NodeRegistry | None = None,
+        transport: Transport | None = None,
+        listen: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.server_id = ServerId(server_id)
         self.me = config.server(server_id)
@@ -86,6 +141,14 @@ class Node:
         self._rejoining = False
         self.events = EventLog()
         self.snapshot_lists_key: tuple[int, int] | None = None
+        self.timings = options.timings
+        self._membership_wake = asyncio.Event()
+        self.registry: NodeRegistry = registry or ReplicatedRegistry(
+            config, self.server_id, options.data_dir, options.secret, raft_timings(self.timings)
+        )
+        self.transport: Transport = transport or TcpTransport(config, self.server_id, options.secret.encode())
+        self.listen = listen
+        self.rng = rng or random.Random()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -96,27 +159,36 @@ class Node:
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.started_at = loop.time()
-        self.options.data_dir.mkdir(parents=True, exist_ok=True)
+        log.info("%s timings: %s", self.server_id, self.timings.describe())
+        if self.listen:
+            await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
 
-        self.registry = ReplicatedRegistry(self.config, self.server_id, self.options.data_dir, self.options.secret)
         self.registry.add_listener(self._on_applied_threadsafe)
-        self.transport = Transport(self.config, self.server_id, self.options.secret.encode())
         self.election = ElectionRuntime(
             self.config,
             self.server_id,
             self.transport,
             can_lead=self._can_lead,
             incarnation=self.incarnation,
+            timings=election_timings(self.timings),
             on_coordinator_change=self._on_coordinator_change,
             on_peer_down=self._on_peer_down,
             on_peer_up=self._on_peer_up,
+            rng=self.rng,
         )
         self.service = CoordinatorService(self.registry, self.election)
         self.transport.on_request(REQUEST_KIND, self.service.handle)
         self.directory = ClusterDirectory(
-            self.config, self.server_id, self.incarnation, self.registry, self.election, self.transport, self.service
+            self.config,
+            self.server_id,
+            self.incarnation,
+            self.registry,
+            self.election,
+            self.transport,
+            self.service,
+            timings=self.timings,
         )
-        self.stall_guard = StallGuard(STALL_THRESHOLD_S, self._on_stall)
+        self.stall_guard = StallGuard(self.timings.stall_threshold_s, self._on_stall)
         self.chat = ChatServer(
             self.server_id,
             self.directory,
@@ -124,20 +196,35 @@ class Node:
             self.me.clients_port,
             self.options.limits,
             stall_guard=self.stall_guard,
+            tls=self.options.tls.clients,
+        )
+        tls = self.options.tls
+        self.websocket = listener_for(
+            self.chat, self.config, self.me, tls.websocket, tls.admin is not None, self.options.ws_origins
         )
         self.snapshots = SnapshotBox()
         admin_server = None
         status = 0
-        self.registry.start()
         try:
+            await asyncio.to_thread(self.registry.start)
             await self.transport.start()
             await self.election.start()
-            await self.chat.start()
+            if self.listen:
+                await self.chat.start()
+                await self.websocket.start()
+            else:
+                self.chat.open()
             self.publish_snapshot()
-            app = create_app(
-                self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only
-            )
-            admin_server = serve_admin(app, self.me.host, self.me.admin_port)
+            if self.listen:
+                schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
+                app = create_app(
+                    self.snapshots,
+                    _AdminActions(self),
+                    self.options.admin_token,
+                    self.options.admin_loopback_only,
+                    schemes,
+                )
+                admin_server = await serve_admin_app(app, self.me.host, self.me.admin_port, tls.admin)
             await self._serve()
         except OSError as exc:
             log.error("%s cannot start: %s", self.server_id, exc)
@@ -145,14 +232,16 @@ class Node:
             status = 1
         finally:
             if admin_server is not None:
-                admin_server.close()
+                await admin_server.close()
+            with contextlib.suppress(Exception):
+                await self.websocket.close()
             with contextlib.suppress(Exception):
                 await self.chat.close()
             with contextlib.suppress(Exception):
                 await self.election.close()
             with contextlib.suppress(Exception):
                 await self.transport.close()
-            self.registry.close()
+            await asyncio.to_thread(self.registry.close)
         log.info("%s stopped", self.server_id)
         return status
 
@@ -177,9 +266,8 @@ class Node:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.chat.shutdown(), SHUTDOWN_TIMEOUT_S)
         with contextlib.suppress(RegistryUnavailable):
-            await self.registry.submit(
-                rs.ServerDown(self.directory.next_request_id(), self.server_id, self.incarnation), ANNOUNCE_TIMEOUT_S
-            )
+            command = rs.ServerDown(self.directory.next_request_id(), self.server_id, self.incarnation)
+            await self.registry.submit(command, self.timings.announce_timeout_s)
 
     async def _announce(self) -> None:
         """Commit "server up" for this incarnation: a fresh MainHall and nothing stale from a past life."""
@@ -188,7 +276,7 @@ class Node:
             attempts += 1
             command = rs.ServerUp(self.directory.next_request_id(), self.server_id, self.incarnation)
             try:
-                result = await self.registry.submit(command, ANNOUNCE_TIMEOUT_S)
+                result = await self.registry.submit(command, self.timings.announce_timeout_s)
             except RegistryUnavailable as exc:
                 if attempts % 5 == 1:
                     log.warning("%s waiting for a Raft quorum to announce itself (%s)", self.server_id, exc)
@@ -196,14 +284,16 @@ class Node:
             if result.ok:
                 break
             log.error("%s could not announce itself: %s", self.server_id, result.reason)
-            await asyncio.sleep(ANNOUNCE_TIMEOUT_S)
+            await asyncio.sleep(self.timings.announce_timeout_s)
         if self._stop.is_set():
             return
         self.serving = True
         self.publish_snapshot()
         print(
             f"chatmesh {self.server_id} ready: clients {self.me.host}:{self.me.clients_port}, "
-            f"admin http://{self.me.host}:{self.me.admin_port}/ (pid {os.getpid()})",
+            f"websocket {ws_url(self.me, self.options.tls.websocket is not None)}, "
+            f"admin {'https' if self.options.tls.admin else 'http'}://{self.me.host}:{self.me.admin_port}/ "
+            f"(pid {os.getpid()})",
             flush=True,
         )
 
@@ -218,13 +308,24 @@ class Node:
             time.time(), f"coordinator is now {coordinator}" if coordinator else "coordinator lost: electing"
         )
         self.directory.coordinator_changed()
+        self._membership_wake.set()
         self.registry.prefer_leader(coordinator)
         self.publish_snapshot()
 
-    def _on_peer_down(self, peer: str, incarnation: int) -> None:
-        log.info("%s: %s is down", self.server_id, peer)
+    def _on_peer_down(self, peer: str, incarnation: int, certain: bool = False) -> None:
+        log.info("%s: %s is down (%s)", self.server_id, peer, "gone" if certain else "silent")
         self.events.record(time.time(), f"{peer} is down")
+        self._membership_wake.set()
+        # The top survivor replaces a dead Raft leader at once, without the random election timeout; the
+        # others wait for it (several candidates at once would split the vote).
+        if self.registry.status().leader in (peer, None) and self._top_survivor():
+            self.registry.leader_is_gone(peer)
         self.publish_snapshot()
+
+    def _top_survivor(self) -> bool:
+        up = self.election.servers_up
+        best = min((s for s in self.config.servers if s.server_id in up), key=lambda s: (-s.priority, s.server_id))
+        return best.server_id == self.server_id
 
     def _on_peer_up(self, peer: str, incarnation: int) -> None:
         log.info("%s: %s is up (incarnation %d)", self.server_id, peer, incarnation)
@@ -275,7 +376,7 @@ class Node:
 
     async def _stall_watchdog(self) -> None:
         while True:
-            await asyncio.sleep(STALL_TICK_S)
+            await asyncio.sleep(self.timings.stall_tick_s)
             self.stall_guard.tick(self.loop.time())
 
     def _on_stall(self, gap_s: float) -> None:
@@ -290,7 +391,8 @@ class Node:
         while not self._stop.is_set():
             attempts += 1
             try:
-                await self.registry.submit(rs.Barrier(self.directory.next_request_id()), ANNOUNCE_TIMEOUT_S)
+                barrier = rs.Barrier(self.directory.next_request_id())
+                await self.registry.submit(barrier, self.timings.announce_timeout_s)
             except RegistryUnavailable as exc:
                 if attempts % 5 == 1:
                     log.warning("%s: cannot confirm after the stall yet (%s); client input waits", self.server_id, exc)
@@ -316,62 +418,47 @@ class Node:
     # -- periodic work --------------------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
-        """Release registry entries this server holds that match no live session (no orphans)."""
-        suspects: set[tuple[str, str]] = set()
+        """Release registry entries this server holds that match no live session; `Reconciler` decides."""
+        reconciler = Reconciler()
         while True:
-            await asyncio.sleep(RECONCILE_INTERVAL_S)
+            await asyncio.sleep(self.timings.reconcile_interval_s)
             if not self.serving:
                 continue
-            commands = self.directory.orphans(self.chat.local_identities(), self.chat.local_room_ids(), time.time())
-            # Act only on what was orphaned in two passes in a row: a claim or room that just committed
-            # has its session registered by then.
-            keyed = [(c, (type(c).__name__, getattr(c, "identity", getattr(c, "room_id", "")))) for c in commands]
-            keys = {key for _, key in keyed}
-            for command, key in keyed:  # each command with its own key (a set has no order to zip with)
-                if key in suspects:
-                    log.info("%s: reconciling orphan %s", self.server_id, key)
-                    await self.directory.request(command)
-            suspects = keys
+            orphans = self.directory.orphans(self.chat.local_identities(), self.chat.local_room_ids(), time.time())
+            for orphan in reconciler.review(orphans):
+                log.info("%s: reconciling orphan %s %s", self.server_id, orphan.kind, orphan.name)
+                await self.directory.request(self.directory.release_command(orphan))
 
     async def _membership_loop(self) -> None:
-        """While coordinator: commit "server down" for servers the failure detector sees silent.
-
-        Only while its replica has a Raft quorum and its failure detector has heard a majority of the
-        configuration for the last STARTUP_GRACE_S: a coordinator cut off on a minority side sees everyone
-        else silent, and a declaration it queued would commit once the partition heals and fence the healthy
-        majority (and, just after healing, its links are still reconnecting). An incarnation the failure
-        detector has never heard (a server that has just re-announced itself) also gets STARTUP_GRACE_S
-        before it can be declared down.
-        """
-        majority = len(self.config.ids) // 2 + 1
-        majority_since: float | None = None
-        unheard_since: dict[tuple[str, int], float] = {}
+        """Feed `MembershipPolicy` (node/membership.py) every tick and whenever a peer goes down or the
+        coordinator changes, and commit the "server down" declarations it decides."""
+        policy = MembershipPolicy(
+            self.server_id,
+            len(self.config.ids),
+            self.started_at,
+            self.timings.startup_grace_s,
+            redeclare_after_s=self.timings.announce_timeout_s,
+        )
         while True:
-            await asyncio.sleep(MEMBERSHIP_INTERVAL_S)
-            now = self.loop.time()
-            alive = self.election.servers_up
-            if len(alive) < majority:
-                majority_since = None
-            elif majority_since is None:
-                majority_since = now
-            if not self.election.is_coordinator or now - self.started_at < STARTUP_GRACE_S:
-                continue
-            if majority_since is None or now - majority_since < STARTUP_GRACE_S or not self.registry.has_quorum():
-                continue
-            heard = self.election.peer_incarnations
-            registered = self.registry.servers_up()
-            unheard_since = {key: t for key, t in unheard_since.items() if registered.get(key[0]) == key[1]}
-            for server, incarnation in registered.items():
-                if server == self.server_id or server in alive:
-                    continue
-                if heard.get(server, -1) < incarnation:
-                    first = unheard_since.setdefault((server, incarnation), now)
-                    if now - first < STARTUP_GRACE_S:
-                        continue
-                log.warning("%s: declaring %s down (incarnation %d)", self.server_id, server, incarnation)
-                command = rs.ServerDown(self.directory.next_request_id(), server, incarnation)
-                with contextlib.suppress(RegistryUnavailable):
-                    await self.registry.submit(command, ANNOUNCE_TIMEOUT_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._membership_wake.wait(), self.timings.membership_interval_s)
+            self._membership_wake.clear()
+            view = MembershipView(
+                now=self.loop.time(),
+                is_coordinator=self.election.is_coordinator,
+                alive=self.election.servers_up,
+                heard=self.election.peer_incarnations,
+                registered=self.registry.servers_up(),
+                has_quorum=self.registry.has_quorum(),
+            )
+            for decision in policy.decide(view):
+                log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))
+                command = rs.ServerDown(self.directory.next_request_id(), decision.server, decision.incarnation)
+                self._spawn(self._declare_down(command))
+
+    async def _declare_down(self, command: rs.ServerDown) -> None:
+        with contextlib.suppress(RegistryUnavailable):
+            await self.registry.submit(command, self.timings.announce_timeout_s)
 
     async def _snapshot_loop(self) -> None:
         while True:

@@ -28,11 +28,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 from cluster.config import ClusterConfig
-from cluster.names import Identity, RoomId, ServerId, is_mainhall
+from cluster.names import Identity, RoomId, ServerId
+from cluster.timings import ClusterTimings
 from node.directory import Address, RoomInfo
+from node.reconcile import Orphan, find_orphans
+from node.retry import Ask, Finish, RequestRetry, Wait
 from node.status import LatencyRecorder
 from registry import state as rs
 from registry.replicated import RegistryUnavailable
@@ -40,20 +43,9 @@ from registry.replicated import RegistryUnavailable
 log = logging.getLogger("chatmesh.coordinator")
 
 REQUEST_KIND = "registry"
-# How long a client request may wait for a coordinator and a commit before it is refused.
-REQUEST_DEADLINE_S = 4.0
-# One commit attempt at the coordinator; shorter than the deadline so a failover leaves time to retry.
-COMMIT_TIMEOUT_S = 1.5
-# One request to the coordinator over the coordination channel.
-PEER_REQUEST_TIMEOUT_S = 2.0
-# Pause between retries while no coordinator is known or it is unreachable.
-RETRY_PAUSE_S = 0.05
+# Request deadlines, commit timeouts and retry pauses are in cluster/timings.py (ClusterTimings).
 # A client routed to another server must arrive there within this time or its identity is released.
 MOVE_TIMEOUT_S = 10.0
-# How often each server compares the registry with its live sessions.
-RECONCILE_INTERVAL_S = 2.0
-# A peer never heard from since this server started is declared down only after this grace period.
-STARTUP_GRACE_S = 5.0
 # Bound on the in-doubt set (request ids whose commit outcome is unknown).
 MAX_IN_DOUBT = 10_000
 
@@ -118,10 +110,17 @@ class Transport(Protocol):
 class CoordinatorService:
     """Answers registry requests while this server is the coordinator."""
 
-    def __init__(self, registry: Registry, election: Election, on_result: Callable[[bool, float], None] | None = None):
+    def __init__(
+        self,
+        registry: Registry,
+        election: Election,
+        on_result: Callable[[bool, float], None] | None = None,
+        commit_timeout_s: float = ClusterTimings().commit_timeout_s,
+    ):
         self.registry = registry
         self.election = election
         self.on_result = on_result
+        self.commit_timeout_s = commit_timeout_s
 
     def obviously_refused(self, command: rs.Command) -> str | None:
         """A refusal the replica already proves; never an approval (that needs a commit)."""
@@ -136,7 +135,7 @@ class CoordinatorService:
         return None
 
     async def handle(
-        self, sender: str, message: dict[str, Any], commit_timeout_s: float = COMMIT_TIMEOUT_S
+        self, sender: str, message: dict[str, Any], commit_timeout_s: float | None = None
     ) -> dict[str, Any]:
         if not self.election.is_coordinator:
             return {"ok": False, "reason": "not-coordinator", "coordinator": self.election.coordinator}
@@ -149,7 +148,9 @@ class CoordinatorService:
         if reason is not None:
             return {"ok": False, "reason": reason, "final": True}
         try:
-            result = await self.registry.submit(command, commit_timeout_s)
+            result = await self.registry.submit(
+                command, self.commit_timeout_s if commit_timeout_s is None else commit_timeout_s
+            )
         except RegistryUnavailable as exc:
             return {"ok": False, "reason": f"unavailable: {exc}"}
         return {"ok": result.ok, "reason": result.reason, "final": True}
@@ -167,8 +168,10 @@ class ClusterDirectory:
         election: Election,
         transport: Transport,
         service: CoordinatorService,
+        timings: ClusterTimings | None = None,
     ) -> None:
         self.config = config
+        self.timings = timings or ClusterTimings()
         self._server_id = self_id
         self.incarnation = incarnation
         self.registry = registry
@@ -216,10 +219,9 @@ class ClusterDirectory:
         """The coordinator's reply, or None when another coordinator took over before it answered (the
         caller then retries there with the same request id)."""
         if coordinator == self._server_id:
-            return await self.service.handle(self._server_id, wire, commit_timeout_s=min(COMMIT_TIMEOUT_S, timeout))
-        asking = asyncio.ensure_future(
-            self.transport.request(coordinator, wire, timeout=min(timeout, PEER_REQUEST_TIMEOUT_S))
-        )
+            commit_timeout_s = min(self.timings.commit_timeout_s, timeout)
+            return await self.service.handle(self._server_id, wire, commit_timeout_s=commit_timeout_s)
+        asking = asyncio.ensure_future(self.transport.request(coordinator, wire, timeout=timeout))
         try:
             while True:
                 waiters: set[asyncio.Future[Any]] = {asking, self._next_change()}
@@ -234,37 +236,39 @@ class ClusterDirectory:
                 with contextlib.suppress(BaseException):
                     await asking
 
-    async def request(self, command: rs.Command, deadline_s: float = REQUEST_DEADLINE_S) -> bool:
-        """Run `command` at the coordinator until it gives a final answer or the deadline passes."""
+    async def request(self, command: rs.Command, deadline_s: float | None = None) -> bool:
+        """Run `command` at the coordinator until it gives a final answer or the deadline passes; the
+        decisions are `RequestRetry`'s (node/retry.py), this only carries them out."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + deadline_s
+        t = self.timings
+        deadline_s = deadline_s if deadline_s is not None else t.request_deadline_s
+        retry = RequestRetry(
+            command.request_id, started, deadline_s, t.peer_request_timeout_s, t.retry_pause_s, t.no_coordinator_wait_s
+        )
         wire = {"kind": REQUEST_KIND, "command": command_to_wire(command)}
-        while (remaining := deadline - loop.time()) > 0:
-            coordinator = self.election.coordinator
-            if coordinator is None:
-                await self._wait_coordinator_change(min(remaining, 0.5))
-                continue
-            try:
-                reply = await self._ask(coordinator, wire, remaining)
-            except Exception as exc:  # RequestFailed, timeouts: the coordinator may be gone
-                log.debug("request %s to %s failed: %s", command.request_id, coordinator, exc)
-                reply = {"ok": False, "reason": "unreachable"}
-            if reply is None:
-                continue  # a new coordinator: ask it at once
-            if reply.get("ok") is True:
-                self.approvals += 1
-                self.latency.observe(loop.time() - started)
-                return True
-            if reply.get("final"):
-                self.refusals += 1
-                return False
-            # Not (or no longer) the coordinator, unreachable, or no quorum: retry with the same request id
-            # (idempotent) after a short pause, sooner if the coordinator changes.
-            await self._wait_coordinator_change(min(deadline - loop.time(), RETRY_PAUSE_S))
+        while True:
+            match retry.next(loop.time(), self.election.coordinator):
+                case Finish(approved, in_doubt):
+                    break
+                case Wait(timeout_s):
+                    await self._wait_coordinator_change(timeout_s)
+                case Ask(coordinator, timeout_s):
+                    try:
+                        reply = await self._ask(coordinator, wire, timeout_s)
+                    except Exception as exc:  # RequestFailed, timeouts: the coordinator may be gone
+                        log.debug("request %s to %s failed: %s", command.request_id, coordinator, exc)
+                        retry.failed(loop.time())
+                    else:
+                        retry.answered(loop.time(), reply)
+        if approved:
+            self.approvals += 1
+            self.latency.observe(loop.time() - started)
+            return True
         self.refusals += 1
-        self._mark_in_doubt(command)
-        log.warning("request %s (%s) in doubt after %.1fs", command.request_id, type(command).__name__, deadline_s)
+        if in_doubt:
+            self._mark_in_doubt(command)
+            log.warning("request %s (%s) in doubt after %.1fs", command.request_id, type(command).__name__, deadline_s)
         return False
 
     def _mark_in_doubt(self, command: rs.Command) -> None:
@@ -335,27 +339,28 @@ class ClusterDirectory:
 
     # -- reconciliation -------------------------------------------------------------------------------
 
-    def orphans(self, live_identities: Iterable[str], live_rooms: Iterable[str], now_wall: float) -> list[rs.Command]:
-        """Commands releasing what the registry says this server holds but no session of it does."""
-        live = set(live_identities) | self.pending
-        rooms_live = set(live_rooms) | self.pending
-        commands: list[rs.Command] = []
-        for entry in self.registry.identities():
-            if entry.server != self._server_id or entry.identity in live:
-                continue
-            if entry.in_transit:
-                # Headed here and not arrived in time: free it (a routed client that never came).
-                if now_wall - entry.since >= MOVE_TIMEOUT_S:
-                    commands.append(rs.ExpireMove(self.next_request_id(), entry.identity, entry.server, entry.since))
-            elif entry.incarnation == self.incarnation:
-                commands.append(
-                    rs.ReleaseIdentity(self.next_request_id(), entry.identity, self._server_id, self.incarnation)
-                )
-        for room in self.registry.rooms():
-            if room.server != self._server_id or is_mainhall(room.room_id) or room.room_id in rooms_live:
-                continue
-            if room.incarnation == self.incarnation:
-                commands.append(
-                    rs.DeleteRoom(self.next_request_id(), room.room_id, self._server_id, self.incarnation, room.owner)
-                )
-        return commands
+    def orphans(self, live_identities: Iterable[str], live_rooms: Iterable[str], now_wall: float) -> list[Orphan]:
+        """What the registry says this server holds but no session of it does (node/reconcile.py)."""
+        return find_orphans(
+            self._server_id,
+            self.incarnation,
+            self.registry.identities(),
+            self.registry.rooms(),
+            set(live_identities) | self.pending,
+            set(live_rooms) | self.pending,
+            now_wall,
+            MOVE_TIMEOUT_S,
+        )
+
+    def release_command(self, orphan: Orphan) -> rs.Command:
+        """The registry command that releases `orphan`, with a fresh request id."""
+        request_id = self.next_request_id()
+        match orphan.kind:
+            case "identity":
+                return rs.ReleaseIdentity(request_id, orphan.name, self._server_id, orphan.incarnation)
+            case "move":
+                return rs.ExpireMove(request_id, orphan.name, self._server_id, orphan.since)
+            case "room":
+                return rs.DeleteRoom(request_id, orphan.name, self._server_id, orphan.incarnation, orphan.owner)
+            case _:
+                assert_never(orphan.kind)

@@ -28,9 +28,10 @@ import dataclasses
 import functools
 import itertools
 import logging
+import ssl
 import types
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, assert_never, cast
 
@@ -81,6 +82,28 @@ RESERVED_FDS = 64
 UNAVAILABLE = "unavailable"
 
 MetricsHook = Callable[[str, int], None]
+# A client's input: the next complete lines, and after them None or why the client broke the line limit
+# (an over-long line; over WebSocket also a binary or oversized frame); None at end of stream or on a reset.
+LineSource = Callable[[], Awaitable[tuple[list[bytes], str | None] | None]]
+
+
+def _line_source(reader: asyncio.StreamReader, limits: Limits) -> LineSource:
+    """Newline-delimited lines from a TCP stream, each at most `limits.max_line_bytes`."""
+    decoder = LineDecoder(limits.max_line_bytes)
+
+    async def next_lines() -> tuple[list[bytes], str | None] | None:
+        try:
+            data = await reader.read(READ_CHUNK_BYTES)
+        except (ConnectionError, OSError):
+            return None
+        if not data:
+            return None
+        try:
+            return decoder.feed(data), None
+        except LineTooLong as exc:
+            return exc.lines, f"line longer than {limits.max_line_bytes} bytes"  # serve the lines before it
+
+    return next_lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +160,10 @@ class ChatServer:
         directory_timeout_s: float = DIRECTORY_TIMEOUT_S,
         metrics_hook: MetricsHook | None = None,
         stall_guard: StallGuard | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.server_id = server_id
+        self.tls = tls  # the clients port speaks TLS when given
         self.directory = directory
         self.host = host
         self.port = port  # the bound port once started (useful with port 0)
@@ -176,12 +201,21 @@ class ChatServer:
     # -- lifetime ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.open()
+        self._server = await asyncio.start_server(self._serve_client, self.host, self.port, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("%s: accepting clients on %s:%d", self.server_id, self.host, self.port)
+
+    def open(self) -> None:
+        """Accept connections, on the running loop, without binding a port: `start` binds one; a simulation
+        hands its in-memory connections to `serve_stream`."""
         self._loop = asyncio.get_running_loop()
         self._max_clients = self._clamp_max_clients(self.limits.max_clients)
-        self._server = await asyncio.start_server(self._serve_client, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
         self._accepting = True
-        log.info("%s: accepting clients on %s:%d", self.server_id, self.host, self.port)
+
+    async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one client connection until it ends (run it as its own task)."""
+        await self._serve_client(reader, writer)
 
     @staticmethod
     def _clamp_max_clients(wanted: int) -> int:
@@ -327,15 +361,21 @@ class ChatServer:
     # -- connections ---------------------------------------------------------------------------------------
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transport = _write_transport(writer)
+        await self.serve_connection(transport, writer.get_extra_info("peername"), _line_source(reader, self.limits))
+
+    async def serve_connection(self, transport: asyncio.WriteTransport, peer: object, source: LineSource) -> None:
+        """Serve one client whose input arrives through `source` and whose output goes to `transport` (one
+        JSON line per write call's line): the TCP listener's connections and the WebSocket adapter's
+        (node/websocket.py) alike, so both kinds share sessions, rooms, limits and the core."""
         task = asyncio.current_task()
         assert task is not None
-        transport = _write_transport(writer)
         self._readers[task] = transport  # tracked so close() can end it; start_server does not
         conn: _Conn | None = None
         try:
-            conn = self._accept(writer)
+            conn = self._accept(transport, peer)
             if conn is not None:
-                await self._read_loop(conn, reader)
+                await self._read_loop(conn, source)
         except asyncio.CancelledError:
             # Only close() cancels readers; end quietly, since asyncio 3.11's start_server callback would
             # otherwise log the cancellation as an unhandled error. Nothing awaits this task's result.
@@ -348,9 +388,7 @@ class ChatServer:
         finally:
             del self._readers[task]
 
-    def _accept(self, writer: asyncio.StreamWriter) -> _Conn | None:
-        transport = _write_transport(writer)
-        peer = writer.get_extra_info("peername")
+    def _accept(self, transport: asyncio.WriteTransport, peer: object) -> _Conn | None:
         ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ip
         if not self._accepting:
@@ -388,27 +426,19 @@ class ChatServer:
         self._reject_logged[ip] = now
         log.warning("%s: refused connection from %s: %s", self.server_id, address, reason)
 
-    async def _read_loop(self, conn: _Conn, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(self, conn: _Conn, source: LineSource) -> None:
         assert self._loop is not None
         loop = self._loop
-        decoder = LineDecoder(self.limits.max_line_bytes)
         cid = conn.cid
         core = self.core
         while True:
-            try:
-                data = await reader.read(READ_CHUNK_BYTES)
-            except (ConnectionError, OSError):
-                break
+            batch = await source()
             guard = self.stall_guard
             if guard is not None and not guard.check(loop.time()):
                 await guard.wait_open()  # this server stalled: input waits until it knows it is still live
-            if not data or self._conns.get(cid) is not conn:
+            if batch is None or self._conns.get(cid) is not conn:
                 break
-            too_long = False
-            try:
-                lines = decoder.feed(data)
-            except LineTooLong as exc:
-                lines, too_long = exc.lines, True  # serve what came before the over-long line
+            lines, too_long = batch  # too_long: None, or what broke the line limit
             now = loop.time()
             for line in lines:
                 verdict = conn.limiter.check(now)
@@ -423,8 +453,8 @@ class ChatServer:
                     return
                 if self._conns.get(cid) is not conn:
                     return  # the core closed it (quit, refused newidentity) or it was dropped
-            if too_long:
-                self._violation(conn, "line-too-long", f"line longer than {self.limits.max_line_bytes} bytes")
+            if too_long is not None:
+                self._violation(conn, "line-too-long", too_long)
                 self._drop(cid, "line too long")
                 return
         # End of stream or reset: an abrupt quit, unless the core already closed it.

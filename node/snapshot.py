@@ -45,6 +45,7 @@ def build_snapshot(node: Node, previous: Snapshot | None = None) -> Snapshot:
             coordination_port=s.coordination_port,
             admin_port=s.admin_port,
             raft_port=s.raft_port,
+            ws_port=s.ws_port,
             priority=s.priority,
             up=s.server_id in up,
             role=ROLE_DOWN

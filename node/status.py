@@ -52,6 +52,7 @@ class ServerView:
     up: bool = False
     # "coordinator", "member", "down" or "starting" (free text, shown as is).
     role: str = ROLE_MEMBER
+    ws_port: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.journal import FileJournal
 
 from cluster.config import ClusterConfig, ServerConfig
+from cluster.timings import ClusterTimings
 from registry import raft_wire
 from registry.client import MAX_IN_FLIGHT, CommitBridge, RegistryUnavailable
 from registry.state import Command, IdentityEntry, RegistryState, ReleaseIdentity, Result, RoomEntry
@@ -102,6 +103,10 @@ _rewrite_filter = _RewriteFilter()
 logging.getLogger("pysyncobj.syncobj").addFilter(_rewrite_filter)
 
 
+# The Raft timings' defaults come from the one table of timings (cluster/timings.py).
+_DEFAULTS = ClusterTimings()
+
+
 @dataclass(frozen=True, slots=True)
 class RaftTimings:
     """Every PySyncObj timing in one place. Defaults favour latency on a LAN/loopback.
@@ -114,24 +119,24 @@ class RaftTimings:
     # Send each command to the followers at once instead of once per append-entries period.
     append_entries_use_batch: bool = False
     # Leader heartbeat; an election timeout must exceed 3 periods (PySyncObj checks).
-    append_entries_period_s: float = 0.05
-    # A follower that hears no leader for a random time in [min, max] starts an election. Wide enough
-    # that a loaded 2-core test machine does not cause spurious elections, short enough to fail over in ~1 s.
-    raft_min_timeout_s: float = 0.5
-    raft_max_timeout_s: float = 1.0
+    append_entries_period_s: float = _DEFAULTS.raft_append_entries_period_s
+    # A follower that hears no leader for a random time in [min, max] starts an election: the fallback, see
+    # cluster/timings.py (a leader declared down is replaced at once through `leader_is_gone`).
+    raft_min_timeout_s: float = _DEFAULTS.raft_min_timeout_s
+    raft_max_timeout_s: float = _DEFAULTS.raft_max_timeout_s
     # A connection that delivered nothing for this long is dropped (>= raft_max_timeout_s).
-    connection_timeout_s: float = 2.0
+    connection_timeout_s: float = _DEFAULTS.raft_connection_timeout_s
     # How soon a dropped or refused connection is retried (PySyncObj: 5 s).
-    connection_retry_s: float = 0.5
+    connection_retry_s: float = _DEFAULTS.raft_connection_retry_s
     # A leader that heard from no majority for this long steps down (PySyncObj: 30 s).
-    leader_fallback_timeout_s: float = 2.0
+    leader_fallback_timeout_s: float = _DEFAULTS.raft_leader_fallback_timeout_s
     # Longest sleep of PySyncObj's tick thread between events (timer resolution for the above).
-    auto_tick_period_s: float = 0.05
+    auto_tick_period_s: float = _DEFAULTS.raft_tick_period_s
     # Binding the Raft port: retry interval and attempts before start() gives up.
     bind_retry_s: float = 0.2
     max_bind_retries: int = 25
     # Default bound for one commit (callers pass their own to submit()).
-    commit_timeout_s: float = 2.0
+    commit_timeout_s: float = _DEFAULTS.commit_timeout_s
     # Compact the log (write the full dump, cut the journal) after this many entries or this long.
     log_compaction_min_entries: int = 5000
     log_compaction_min_time_s: float = 300.0
@@ -140,7 +145,7 @@ class RaftTimings:
     # and a re-login of the same name wait on a release, and no longer than this.
     release_defer_s: float = 0.005
     # Least time between two attempts to hand leadership to the preferred server (the coordinator).
-    leader_hand_over_interval_s: float = 1.0
+    leader_hand_over_interval_s: float = _DEFAULTS.raft_hand_over_interval_s
     # How long close() waits for PySyncObj's thread to stop.
     close_timeout_s: float = 3.0
 
@@ -245,6 +250,43 @@ class _RegistryLog(SyncObjConsumer):
         log.info("registry state restored from a full dump: %s", self.state.counts())
 
 
+# A message type PySyncObj does not know (it ignores it): keeps idle Raft connections up.
+KEEPALIVE_MESSAGE = "chatmesh-keepalive"
+
+
+class _SyncObj(SyncObj):
+    """PySyncObj with the two hooks this adapter needs, both on private state of the pinned version.
+
+    `elect_now()` is what PySyncObj's own TimeoutNow handler does (zero the election deadline) without the
+    leader's message: a follower that knows its leader is dead starts a Raft election at its next tick
+    instead of waiting out a random 0.5-1 s. Call it on PySyncObj's thread (from a tick callback).
+    `wake()` ends the tick thread's current sleep (its pipe notifier; thread-safe).
+    `outlive(thread)`: the tick thread stops once the thread that created the SyncObj ends; tying it to the
+    main thread lets a worker thread run the blocking start (journal load, bind retries) off the loop."""
+
+    def elect_now(self) -> None:
+        self._SyncObj__raftElectionDeadline = 0
+
+    def wake(self) -> None:
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            with contextlib.suppress(OSError):
+                notifier.notify()
+
+    def outlive(self, thread: threading.Thread) -> None:
+        self._SyncObj__mainThread = thread
+
+    def keep_alive(self) -> None:
+        """Send every partner a message PySyncObj ignores (an unknown type). PySyncObj drops a connection
+        that delivered nothing for `connectionTimeout`, and followers never write to each other between
+        elections: without this their connections are down most of the time, and a candidate's vote
+        request to a follower is lost until the next reconnect (up to `connectionRetryTime`, 0.5 s), which
+        is how a one-round-trip election became a 0.5-1.5 s one. Call it on PySyncObj's thread."""
+        transport = self._SyncObj__transport
+        for node in self.otherNodes:
+            transport.send(node, {"type": KEEPALIVE_MESSAGE})
+
+
 class ReplicatedRegistry:
     """One server's replica of the registry and its PySyncObj node. See the module docstring."""
 
@@ -278,7 +320,14 @@ class ReplicatedRegistry:
         self._defer_timer: asyncio.TimerHandle | None = None
         self._preferred_leader: ServerConfig | None = None
         self._last_hand_over = 0.0
-        self._sync: SyncObj | None = None
+        self._sync: _SyncObj | None = None
+        # A Raft leader (node id) known dead: the tick thread starts an election if it still follows it.
+        self._elect_against: str | None = None
+        self.fast_elections = 0
+        self._last_keepalive = 0.0
+        # Raft terms this replica moved through (each is an election somewhere) and the last (term, leader).
+        self.raft_terms_seen = 0
+        self._last_term_leader: tuple[int, str | None] = (0, None)
         self._partner_nodes: tuple[Any, ...] = ()
         self._lock_file: IO[bytes] | None = None
         # The last tick's (leader, is_leader, term, commit, applied, leader_commit, synced, noop), see _on_tick.
@@ -355,14 +404,15 @@ class ReplicatedRegistry:
     def start(self) -> None:
         """Open the data directory, bind the Raft port and start PySyncObj's tick thread.
 
-        Call it from a thread that outlives the registry (the main thread): PySyncObj's thread stops when
-        the thread that created it ends. Raises RegistryDataError or RegistryBindError."""
+        Blocks (journal load, bind retries): servers call it on a worker thread. PySyncObj's thread is tied
+        to the main thread's life. Raises RegistryDataError or RegistryBindError."""
         if self._sync is not None or self._closed:
             raise RuntimeError("start() may be called once")
         if self.journal:
             self._check_data_dir()
         raft_wire.install()  # no deflate per message (registry/raft_wire.py)
-        sync = SyncObj(self.me.raft_address, self._partners, self.sync_conf(), consumers=[self._log])
+        sync = _SyncObj(self.me.raft_address, self._partners, self.sync_conf(), consumers=[self._log])
+        sync.outlive(threading.main_thread())
         self._sync = sync
         self._partner_nodes = tuple(sync.otherNodes)
         sync.addOnTickCallback(self._on_tick)
@@ -596,16 +646,49 @@ class ReplicatedRegistry:
             sync.isReady(),
             getattr(sync, "_SyncObj__noopIDx", None),
         )
+        term, leader_id = self._tick[2], getattr(self._tick[0], "id", None)
+        if (term, leader_id) != self._last_term_leader:
+            if term != self._last_term_leader[0]:
+                self.raft_terms_seen += 1
+            self._last_term_leader = (term, leader_id)
+            log.info(
+                "%s: Raft term %d, leader %s%s",
+                self.server_id,
+                term,
+                self._server_of.get(leader_id, leader_id) if leader_id else None,
+                " (this server)" if self._tick[1] else "",
+            )
+        now = time.monotonic()
+        if now - self._last_keepalive >= self.timings.connection_timeout_s / 4:
+            self._last_keepalive = now
+            sync.keep_alive()
+        against, self._elect_against = self._elect_against, None
+        if against is not None and not self._tick[1]:
+            leader = self._tick[0]
+            if leader is None or leader.id == against:
+                log.info("%s: Raft leader %s is gone: starting a Raft election now", self.server_id, against)
+                self.fast_elections += 1
+                sync.elect_now()
+                sync.wake()
         preferred = self._preferred_leader
         if preferred is not None and self._tick[1]:
             self._hand_over(sync, preferred)
+
+    def leader_is_gone(self, server_id: str) -> None:
+        """`server_id` was declared down: if this replica still follows it as Raft leader (or knows no
+        leader), start a Raft election at once instead of waiting out the election timeout (thread-safe)."""
+        sync = self._sync
+        if sync is None or self._closed or server_id not in self.config:
+            return
+        self._elect_against = self.config.server(server_id).raft_address
+        sync.wake()
 
     def prefer_leader(self, server_id: str | None) -> None:
         """Ask that `server_id` lead Raft when it can: the Fast Bully coordinator submits every registry
         command, and a coordinator that also leads saves a round trip on each (thread-safe)."""
         self._preferred_leader = None if server_id in (None, self.server_id) else self.config.server(server_id)
 
-    def _hand_over(self, sync: SyncObj, preferred: ServerConfig) -> None:
+    def _hand_over(self, sync: _SyncObj, preferred: ServerConfig) -> None:
         """PySyncObj's thread, while leading: hand leadership to the preferred server (Raft TimeoutNow),
         at most once per interval; PySyncObj refuses while that server's log is behind."""
         now = time.monotonic()

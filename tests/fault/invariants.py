@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-# One reply from a server: the coordinator's bounded wait (node/coordinator.py REQUEST_DEADLINE_S, 4 s)
+# One reply from a server: the coordinator's bounded wait (cluster/timings.py request_deadline_s, 4 s)
 # plus slack for a loaded machine.
 REPLY_TIMEOUT_S = 8.0
 # A line longer than this from a server is a bug.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bully.failure_detector import FailureDetector, PeerDown, PeerUp
 
 PERIOD = 0.1
@@ -134,3 +136,88 @@ def test_unknown_peers_are_ignored() -> None:
     fd = detector()
     fd.heard("s9", 1, 0.0)
     assert fd.check(0.0) == [] and fd.up() == set()
+
+
+# -- evidence by kind --------------------------------------------------------------------------------------
+
+
+def test_a_lost_connection_and_a_refused_reconnect_mean_down_at_once() -> None:
+    fd = detector()
+    fd.heard("s2", 3, 0.0)
+    fd.check(0.0)
+    fd.connection_lost("s2", 0.05)
+    assert fd.check(0.05) == []  # a lost connection alone proves nothing: the peer may be reconnecting
+    fd.reconnect_refused("s2", 0.051)
+    assert fd.next_deadline() == float("-inf")
+    assert fd.check(0.051) == [PeerDown("s2", 3, certain=True)]
+    assert fd.up() == set() and fd.certain_downs == 1
+
+
+def test_a_refused_connect_without_a_lost_connection_proves_nothing() -> None:
+    fd = detector()
+    fd.heard("s2", 3, 0.0)
+    fd.check(0.0)
+    fd.reconnect_refused("s2", 0.01)
+    assert fd.check(0.01) == [] and fd.up() == {"s2"}
+
+
+def test_a_heartbeat_after_the_lost_connection_cancels_the_evidence() -> None:
+    fd = detector()
+    fd.heard("s2", 3, 0.0)
+    fd.check(0.0)
+    fd.connection_lost("s2", 0.05)
+    fd.heard("s2", 3, 0.1)
+    fd.reconnect_refused("s2", 0.11)
+    assert fd.check(0.11) == [] and fd.up() == {"s2"}
+
+
+def test_a_peer_never_heard_is_not_declared_on_evidence() -> None:
+    fd = detector()
+    fd.connection_lost("s2", 0.0)
+    fd.reconnect_refused("s2", 0.01)
+    assert fd.check(0.01) == []
+
+
+def test_a_peer_whose_heartbeats_come_late_gets_a_longer_window() -> None:
+    fd = detector()
+    for i in range(5):  # its loop is starved: a heartbeat every 0.4 s instead of 0.1 s; ours ticks every 0.1 s
+        fd.heard("s2", 1, i * 0.4)
+        tick(fd, i * 0.4, i * 0.4 + 0.3)
+    last = 4 * 0.4
+    assert fd.window("s2") == pytest.approx(3 * 0.4)
+    assert tick(fd, last, last + 1.19) == []
+    assert fd.check(last + 1.21) == [PeerDown("s2", 1)]
+
+
+def test_the_window_never_exceeds_its_maximum() -> None:
+    fd = FailureDetector(["s2"], PERIOD, T1, suspect_max_s=1.0)
+    fd.heard("s2", 1, 0.0)
+    fd.heard("s2", 1, 0.15)  # one gap; the stall rule (0.375 s) does not apply
+    fd.heard("s2", 1, 0.5)
+    assert fd.window("s2") == pytest.approx(1.0)
+
+
+def test_regular_heartbeats_keep_the_base_window() -> None:
+    fd = detector()
+    beat(fd, "s2", 1, 0.0, 2.0)
+    assert fd.window("s2") == pytest.approx(T1)
+
+
+def test_the_observers_own_lateness_is_credited_to_every_peers_silence() -> None:
+    fd = detector()
+    last = beat(fd, "s2", 1, 0.0, 1.0)
+    now = last
+    for _ in range(5):  # our timer fires 0.2 s late each time (starved loop, below the stall rule)
+        now += 0.3
+        fd.observer_late(0.2)
+        assert fd.check(now) == []
+    assert fd.window("s2") == pytest.approx(T1 + 1.0)
+    assert fd.check(last + T1 + 1.0) == [PeerDown("s2", 1)]
+
+
+def test_the_credit_ends_with_the_next_heartbeat() -> None:
+    fd = detector()
+    fd.heard("s2", 1, 0.0)
+    fd.observer_late(0.3)
+    fd.heard("s2", 1, 0.1)
+    assert fd.window("s2") == pytest.approx(T1)

@@ -1,4 +1,4 @@
-"""ChatCore against shared/protocol.md, one test per rule, asserting exact effect sequences."""
+"""ChatCore against docs/protocol.md, one test per rule, asserting exact effect sequences."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The client core (client/core.py): commands -> protocol messages, server messages -> the Java client's lines.
 
-Named after the rules of shared/protocol.md ("The Java client's view") and the client issue. No sockets.
+Named after the rules of docs/protocol.md ("The Java client's view") and the client issue. No sockets.
 """
 
 from __future__ import annotations

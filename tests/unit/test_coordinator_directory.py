@@ -14,7 +14,7 @@ from cluster.names import Identity, RoomId, ServerId
 from node import coordinator as co
 from registry import state as rs
 
-CONFIG = parse_config("s1 127.0.0.1 4000 6000 1\ns2 127.0.0.1 4001 6001 2\ns3 127.0.0.1 4002 6002 3\n")
+CONFIG = parse_config("s1 127.0.0.1 4000 6500 1\ns2 127.0.0.1 4001 6501 2\ns3 127.0.0.1 4002 6502 3\n")
 
 
 class Election:
@@ -132,7 +132,8 @@ def test_orphans_release_what_no_session_of_this_server_backs() -> None:
         assert state.apply(command).ok, command
     d = directory(state, Election("s3"), Link(state, down=set()))
     d.pending.add("erin")
-    commands = d.orphans(["bob", "erin"], ["MainHall-s1"], now_wall=100.0 + co.MOVE_TIMEOUT_S)
+    orphans = d.orphans(["bob", "erin"], ["MainHall-s1"], now_wall=100.0 + co.MOVE_TIMEOUT_S)
+    commands = [d.release_command(orphan) for orphan in orphans]
     kinds = sorted((type(c).__name__, getattr(c, "identity", getattr(c, "room_id", ""))) for c in commands)
     assert kinds == [("DeleteRoom", "kitchen"), ("ExpireMove", "carol"), ("ReleaseIdentity", "alice")]
     for command in commands:

@@ -1,0 +1,96 @@
+"""When the coordinator commits "server down": a pure policy, `now` passed in.
+
+Theory of operation
+-------------------
+The registry lists the servers that are up (`registered`: server -> incarnation). The failure detector
+says which peers it hears now (`alive`) and the last incarnation it ever heard from each (`heard`). A
+registered server that is not alive is declared down (`DeclareDown`), which frees everything its
+incarnation held. A wrong declaration fences a live server (it drops its clients and rejoins), so the
+policy declares only when its own view can be trusted:
+
+1. Only the coordinator declares; every server still tracks its majority (rule 3) so a new coordinator
+   can act at once.
+2. Not within `grace_s` of this server's own start: its links are still connecting.
+3. Only once it has heard a majority of the configuration without a break for `grace_s`: a coordinator
+   cut off on a minority side sees everyone else silent, and a declaration it queued would commit once
+   the partition heals and fence the healthy majority (just after healing, links are still reconnecting).
+4. Only while its registry replica has a Raft quorum.
+5. Never itself, never a server it hears.
+6. An incarnation the detector has never heard (a server that has just announced itself) gets `grace_s`
+   from when the policy first saw it registered and unheard.
+7. One declaration per (server, incarnation) per `redeclare_after_s`: the caller submits it to the
+   registry, and a declaration still in flight is not repeated; one that did not commit is.
+
+States: when the majority was last continuously heard since, the first time each unheard incarnation was
+seen, the last declaration of each (server, incarnation). All bounded by the configuration's size: entries
+for incarnations no longer registered are dropped on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class DeclareDown:
+    server: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipView:
+    """What the caller observed at `now`."""
+
+    now: float
+    is_coordinator: bool
+    alive: Collection[str]  # servers the failure detector hears now, this one included
+    heard: Mapping[str, int]  # the last incarnation heard from each peer ever heard
+    registered: Mapping[str, int]  # servers the registry lists as up, with their incarnation
+    has_quorum: bool
+
+
+class MembershipPolicy:
+    def __init__(
+        self, self_id: str, cluster_size: int, started_at: float, grace_s: float, redeclare_after_s: float
+    ) -> None:
+        assert cluster_size >= 1 and grace_s >= 0 and redeclare_after_s > 0
+        self.self_id = self_id
+        self.majority = cluster_size // 2 + 1
+        self.started_at = started_at
+        self.grace_s = grace_s
+        self.redeclare_after_s = redeclare_after_s
+        self._majority_since: float | None = None
+        self._unheard_since: dict[tuple[str, int], float] = {}
+        self._declared_at: dict[tuple[str, int], float] = {}
+
+    def decide(self, view: MembershipView) -> list[DeclareDown]:
+        """The servers to declare down now, in sorted order."""
+        now = view.now
+        if len(view.alive) < self.majority:
+            self._majority_since = None
+        elif self._majority_since is None:
+            self._majority_since = now
+        registered = view.registered
+        self._unheard_since = {k: t for k, t in self._unheard_since.items() if registered.get(k[0]) == k[1]}
+        self._declared_at = {k: t for k, t in self._declared_at.items() if registered.get(k[0]) == k[1]}
+        if not view.is_coordinator or now - self.started_at < self.grace_s:
+            return []
+        if self._majority_since is None or now - self._majority_since < self.grace_s or not view.has_quorum:
+            return []
+        decisions: list[DeclareDown] = []
+        for server in sorted(registered):
+            incarnation = registered[server]
+            if server == self.self_id or server in view.alive:
+                continue
+            key = (server, incarnation)
+            if view.heard.get(server, -1) < incarnation:
+                first = self._unheard_since.setdefault(key, now)
+                if now - first < self.grace_s:
+                    continue
+            last = self._declared_at.get(key)
+            if last is not None and now - last < self.redeclare_after_s:
+                continue
+            self._declared_at[key] = now
+            decisions.append(DeclareDown(server, incarnation))
+        return decisions

@@ -1,0 +1,137 @@
+"""MembershipPolicy (node/membership.py), one test per rule; time is moved by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+from node.membership import DeclareDown, MembershipPolicy, MembershipView
+
+GRACE = 5.0
+REDECLARE = 2.0
+ALL = {"s1", "s2", "s3", "s4", "s5"}
+REGISTERED = {"s1": 10, "s2": 20, "s3": 30, "s4": 40, "s5": 50}
+
+
+def policy() -> MembershipPolicy:
+    return MembershipPolicy("s1", cluster_size=5, started_at=0.0, grace_s=GRACE, redeclare_after_s=REDECLARE)
+
+
+def view(
+    now: float,
+    alive: Collection[str] = ALL,
+    *,
+    coordinator: bool = True,
+    quorum: bool = True,
+    registered: Mapping[str, int] = REGISTERED,
+    heard: Mapping[str, int] | None = None,
+) -> MembershipView:
+    return MembershipView(
+        now=now,
+        is_coordinator=coordinator,
+        alive=set(alive),
+        heard=dict(REGISTERED) if heard is None else heard,
+        registered=registered,
+        has_quorum=quorum,
+    )
+
+
+def settled(p: MembershipPolicy) -> float:
+    """The policy has seen the whole cluster for the grace period; returns the time."""
+    p.decide(view(0.0))
+    return GRACE + 1.0
+
+
+def test_a_registered_server_the_detector_does_not_hear_is_declared_down() -> None:
+    p = policy()
+    now = settled(p)
+    assert p.decide(view(now, ALL - {"s5"})) == [DeclareDown("s5", 50)]
+
+
+def test_servers_heard_and_this_server_itself_are_never_declared() -> None:
+    p = policy()
+    now = settled(p)
+    assert p.decide(view(now)) == []
+    assert p.decide(view(now, {"s2", "s3", "s4", "s5"})) == []  # s1 is this server
+
+
+def test_only_the_coordinator_declares() -> None:
+    p = policy()
+    now = settled(p)
+    assert p.decide(view(now, ALL - {"s5"}, coordinator=False)) == []
+    assert p.decide(view(now + 0.1, ALL - {"s5"})) == [DeclareDown("s5", 50)]
+
+
+def test_nothing_is_declared_within_the_grace_after_this_server_started() -> None:
+    p = policy()
+    p.decide(view(0.0))
+    assert p.decide(view(GRACE - 0.01, ALL - {"s5"})) == []
+    assert p.decide(view(GRACE, ALL - {"s5"})) == [DeclareDown("s5", 50)]
+
+
+def test_a_coordinator_that_heard_no_majority_for_the_grace_declares_nothing() -> None:
+    p = policy()
+    now = settled(p)
+    minority = {"s1", "s2"}
+    assert p.decide(view(now, minority)) == []
+    # The majority is back: the grace runs again from when it was first heard.
+    back = ALL - {"s5"}
+    assert p.decide(view(now + 1.0, back)) == []
+    assert p.decide(view(now + 1.0 + GRACE - 0.01, back)) == []
+    assert p.decide(view(now + 1.0 + GRACE, back)) == [DeclareDown("s5", 50)]
+
+
+def test_a_majority_is_tracked_while_not_coordinator_so_a_new_coordinator_acts_at_once() -> None:
+    p = policy()
+    for t in (0.0, 3.0, GRACE + 1.0):
+        assert p.decide(view(t, ALL - {"s5"}, coordinator=False)) == []
+    assert p.decide(view(GRACE + 1.1, ALL - {"s5"})) == [DeclareDown("s5", 50)]
+
+
+def test_no_declaration_without_a_raft_quorum() -> None:
+    p = policy()
+    now = settled(p)
+    assert p.decide(view(now, ALL - {"s5"}, quorum=False)) == []
+    assert p.decide(view(now + 0.1, ALL - {"s5"})) == [DeclareDown("s5", 50)]
+
+
+def test_an_incarnation_never_heard_gets_the_grace_from_when_it_was_first_seen() -> None:
+    p = policy()
+    now = settled(p)
+    registered = dict(REGISTERED, s5=51)  # s5 restarted and announced itself; not heard yet
+    assert p.decide(view(now, ALL - {"s5"}, registered=registered)) == []
+    assert p.decide(view(now + GRACE - 0.01, ALL - {"s5"}, registered=registered)) == []
+    assert p.decide(view(now + GRACE, ALL - {"s5"}, registered=registered)) == [DeclareDown("s5", 51)]
+
+
+def test_an_incarnation_heard_before_is_declared_without_grace() -> None:
+    p = policy()
+    now = settled(p)
+    heard = dict(REGISTERED, s5=51)
+    registered = dict(REGISTERED, s5=51)
+    assert p.decide(view(now, ALL - {"s5"}, registered=registered, heard=heard)) == [DeclareDown("s5", 51)]
+
+
+def test_a_declaration_is_not_repeated_while_it_may_be_in_flight() -> None:
+    p = policy()
+    now = settled(p)
+    assert p.decide(view(now, ALL - {"s5"})) == [DeclareDown("s5", 50)]
+    assert p.decide(view(now + REDECLARE - 0.01, ALL - {"s5"})) == []
+    # Still registered after the retry interval: it did not commit, declare again.
+    assert p.decide(view(now + REDECLARE, ALL - {"s5"})) == [DeclareDown("s5", 50)]
+
+
+def test_declarations_come_in_server_order() -> None:
+    p = policy()
+    now = settled(p)
+    assert p.decide(view(now, {"s1", "s2", "s3"})) == [DeclareDown("s4", 40), DeclareDown("s5", 50)]
+
+
+def test_memory_is_dropped_for_incarnations_no_longer_registered() -> None:
+    p = policy()
+    now = settled(p)
+    registered = dict(REGISTERED, s5=51)
+    p.decide(view(now, ALL - {"s5"}, registered=registered))
+    gone = {k: v for k, v in REGISTERED.items() if k != "s5"}
+    p.decide(view(now + 1.0, ALL - {"s5"}, registered=gone))
+    # Announced again with the same incarnation: the grace starts over.
+    assert p.decide(view(now + GRACE, ALL - {"s5"}, registered=registered)) == []
