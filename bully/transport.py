@@ -461,6 +461,7 @@ class Transport:
 
     async def _run_link(self, link: _Link) -> None:
         backoff = BACKOFF_INITIAL_S
+        quick_retry_at = float("-inf")
         while not self._closing:
             try:
                 channel = await self._connect(link)
@@ -489,12 +490,17 @@ class Transport:
                 self._fail_requests(channel, f"connection to {link.peer} lost")
             if not self._closing:
                 self._link_event(link.peer, "lost")
-            # A connection that was stable is retried at once: a refusal then says the peer's process is gone.
-            if time.monotonic() - started < STABLE_CONNECTION_S:
+            # Reconnect at once after losing an authenticated connection: a refusal then says the peer's process
+            # is gone (the failure detector's certain evidence). A connection that keeps dying young gets one
+            # immediate retry per STABLE_CONNECTION_S, then the backoff.
+            lost_at = time.monotonic()
+            if lost_at - started >= STABLE_CONNECTION_S:
+                backoff = BACKOFF_INITIAL_S
+            elif lost_at - quick_retry_at >= STABLE_CONNECTION_S:
+                quick_retry_at = lost_at
+            else:
                 await self._backoff(link, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
-            else:
-                backoff = BACKOFF_INITIAL_S
 
     async def _backoff(self, link: _Link, delay: float) -> None:
         """Wait before reconnecting: jittered `delay`, cut short by `link.wake` (but never under the minimum)."""

@@ -23,14 +23,14 @@ from bully.transport import Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
-from node.admin import create_app, serve_admin
+from node.admin import AdminServer, create_app, serve_admin
 from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService
 from node.limits import Limits
-from node.membership import MembershipPolicy, MembershipView
+from node.membership import DeclareDown, MembershipPolicy, MembershipView
 from node.reconcile import Reconciler
 from node.server import ChatServer
 from node.snapshot import build_snapshot
-from node.stall import StallGuard
+from node.stall import LoopMonitor, StallGuard
 from node.status import EventLog, SnapshotBox
 from registry import state as rs
 from registry.replicated import RaftTimings, RegistryUnavailable, ReplicatedRegistry
@@ -107,6 +107,7 @@ class Node:
         self.snapshot_lists_key: tuple[int, int] | None = None
         self.timings = options.timings
         self._membership_wake = asyncio.Event()
+        self._duties_started = False
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -118,6 +119,8 @@ class Node:
         self.loop = loop
         self.started_at = loop.time()
         log.info("%s timings: %s", self.server_id, self.timings.describe())
+        self.loop_monitor = LoopMonitor(self.timings.stall_tick_s)
+        monitor = loop.create_task(self.loop_monitor.run(self._on_loop_tick))
         await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
 
         self.registry = ReplicatedRegistry(
@@ -166,10 +169,7 @@ class Node:
             await self.election.start()
             await self.chat.start()
             self.publish_snapshot()
-            app = create_app(
-                self.snapshots, _AdminActions(self), self.options.admin_token, self.options.admin_loopback_only
-            )
-            admin_server = serve_admin(app, self.me.host, self.me.admin_port)
+            admin_server = await asyncio.to_thread(self._start_admin)
             await self._serve()
         except OSError as exc:
             log.error("%s cannot start: %s", self.server_id, exc)
@@ -177,7 +177,7 @@ class Node:
             status = 1
         finally:
             if admin_server is not None:
-                admin_server.close()
+                await asyncio.to_thread(admin_server.close)
             with contextlib.suppress(Exception):
                 await self.chat.close()
             with contextlib.suppress(Exception):
@@ -185,18 +185,25 @@ class Node:
             with contextlib.suppress(Exception):
                 await self.transport.close()
             await asyncio.to_thread(self.registry.close)
-        log.info("%s stopped", self.server_id)
+            monitor.cancel()
+        log.info("%s stopped (largest loop gap %.3fs)", self.server_id, self.loop_monitor.max_gap_s)
         return status
+
+    def _start_admin(self) -> AdminServer:
+        """Build the admin app and bind its port (a worker thread: neither belongs on the loop)."""
+        options = self.options
+        app = create_app(self.snapshots, _AdminActions(self), options.admin_token, options.admin_loopback_only)
+        return serve_admin(app, self.me.host, self.me.admin_port)
 
     async def _serve(self) -> None:
         """Run the background duties until a stop is requested, then stop cleanly."""
         try:
             async with asyncio.TaskGroup() as tasks:
+                self._duties_started = True
                 tasks.create_task(self._announce())
                 tasks.create_task(self._reconcile_loop())
                 tasks.create_task(self._membership_loop())
                 tasks.create_task(self._snapshot_loop())
-                tasks.create_task(self._stall_watchdog())
                 await self._stop.wait()
                 log.info("%s stopping", self.server_id)
                 await self._shutdown()
@@ -311,10 +318,10 @@ class Node:
             self.stall_guard.reopen()
         await self._announce()
 
-    async def _stall_watchdog(self) -> None:
-        while True:
-            await asyncio.sleep(self.timings.stall_tick_s)
-            self.stall_guard.tick(self.loop.time())
+    def _on_loop_tick(self, now: float) -> None:
+        """The loop monitor's tick feeds the stall guard once the server serves its duties."""
+        if self._duties_started:
+            self.stall_guard.tick(now)
 
     def _on_stall(self, gap_s: float) -> None:
         log.warning("%s stalled for %.2fs: holding client input until the registry confirms it", self.server_id, gap_s)
@@ -390,12 +397,15 @@ class Node:
             )
             for decision in policy.decide(view):
                 log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))
-                command = rs.ServerDown(self.directory.next_request_id(), decision.server, decision.incarnation)
-                self._spawn(self._declare_down(command))
+                self._spawn(self._declare_down(policy, decision))
 
-    async def _declare_down(self, command: rs.ServerDown) -> None:
-        with contextlib.suppress(RegistryUnavailable):
+    async def _declare_down(self, policy: MembershipPolicy, decision: DeclareDown) -> None:
+        command = rs.ServerDown(self.directory.next_request_id(), decision.server, decision.incarnation)
+        try:
             await self.registry.submit(command, self.timings.announce_timeout_s)
+        except RegistryUnavailable as exc:
+            log.info("%s: declaring %s down: %s; again at the next tick", self.server_id, decision.server, exc)
+            policy.declaration_failed(decision)
 
     async def _snapshot_loop(self) -> None:
         while True:

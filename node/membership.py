@@ -19,7 +19,8 @@ policy declares only when its own view can be trusted:
 6. An incarnation the detector has never heard (a server that has just announced itself) gets `grace_s`
    from when the policy first saw it registered and unheard.
 7. One declaration per (server, incarnation) per `redeclare_after_s`: the caller submits it to the
-   registry, and a declaration still in flight is not repeated; one that did not commit is.
+   registry, and a declaration still in flight is not repeated; one that did not commit is, at the next
+   decision after the caller reports it failed (`declaration_failed`), or after `redeclare_after_s`.
 
 States: when the majority was last continuously heard since, the first time each unheard incarnation was
 seen, the last declaration of each (server, incarnation). All bounded by the configuration's size: entries
@@ -63,6 +64,10 @@ class MembershipPolicy:
         self._majority_since: float | None = None
         self._unheard_since: dict[tuple[str, int], float] = {}
         self._declared_at: dict[tuple[str, int], float] = {}
+
+    def declaration_failed(self, decision: DeclareDown) -> None:
+        """The registry refused or lost `decision` (e.g. the Raft leader changed): decide it again."""
+        self._declared_at.pop((decision.server, decision.incarnation), None)
 
     def decide(self, view: MembershipView) -> list[DeclareDown]:
         """The servers to declare down now, in sorted order."""

@@ -621,6 +621,9 @@ class ReplicatedRegistry:
         if (term, leader_id) != self._last_term_leader:
             if term != self._last_term_leader[0]:
                 self.raft_terms_seen += 1
+            previous_leader = self._last_term_leader[1]
+            if previous_leader is not None and previous_leader != leader_id:
+                self._bridge.leader_changed()
             self._last_term_leader = (term, leader_id)
             log.info(
                 "%s: Raft term %d, leader %s%s",

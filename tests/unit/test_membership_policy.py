@@ -135,3 +135,11 @@ def test_memory_is_dropped_for_incarnations_no_longer_registered() -> None:
     p.decide(view(now + 1.0, ALL - {"s5"}, registered=gone))
     # Announced again with the same incarnation: the grace starts over.
     assert p.decide(view(now + GRACE, ALL - {"s5"}, registered=registered)) == []
+
+
+def test_a_declaration_the_registry_lost_is_decided_again_at_once() -> None:
+    p = policy()
+    now = settled(p)
+    (decision,) = p.decide(view(now, ALL - {"s5"}))
+    p.declaration_failed(decision)
+    assert p.decide(view(now + 0.01, ALL - {"s5"})) == [decision]
