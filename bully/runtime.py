@@ -167,8 +167,10 @@ class ElectionRuntime:
         now = self._loop.time()
         if event == "lost":
             self._detector.connection_lost(peer, now)
-        else:
+        elif event == "refused":
             self._detector.reconnect_refused(peer, now)
+        else:
+            self._detector.connection_up(peer, now)
         self._peer_events(self._detector.check(now), now)
         self._rearm()
 

@@ -71,9 +71,9 @@ COMPLAINT_INTERVAL_S = 10.0
 MAX_COMPLAINT_KEYS = 256
 
 NotifyHandler = Callable[[str, dict[str, Any]], None]
-# Evidence about a peer's process for the failure detector: our connection to it ended ("lost"), or a
-# connection attempt was refused ("refused": nothing listens on its port).
-LinkEvent = Literal["lost", "refused"]
+# Evidence about a peer's process for the failure detector: our connection to it ended ("lost"), a
+# connection attempt was refused ("refused": nothing listens on its port), or it is established ("up").
+LinkEvent = Literal["lost", "refused", "up"]
 LinkEventHandler = Callable[[str, LinkEvent], None]
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -477,6 +477,7 @@ class Transport:
                 continue
             link.channel = channel
             link.unreachable = False
+            self._link_event(link.peer, "up")
             log.debug("%s connected to %s", self.self_id, link.peer)
             self._flush_queue(link, channel)
             started = time.monotonic()
