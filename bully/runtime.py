@@ -165,6 +165,8 @@ class ElectionRuntime:
         if not self._running or self._loop is None:
             return
         now = self._loop.time()
+        if event != "up":
+            log.info("%s: link to %s %s", self.self_id, peer, event)
         if event == "lost":
             self._detector.connection_lost(peer, now)
         elif event == "refused":
