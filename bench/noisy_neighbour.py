@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import finish_report, latency_summary, machine_info
-from tests.support import ChatClient, Cluster, start_cluster
+from tests.support import ChatClient, Cluster, start_cluster, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "noisy_neighbour.json"
@@ -41,6 +41,7 @@ LOGIN_INTERVAL_S = 0.05
 LOGIN_TIMEOUT_S = 10.0
 SAMPLE_INTERVAL_S = 0.2
 AGREE_TIMEOUT_S = 30.0
+SETTLE_TIMEOUT_S = 15.0
 # One polling neighbour: 16 threads, each spinning 2 ms then sleeping 1 ms, until killed.
 NEIGHBOUR = """
 import threading, time
@@ -96,6 +97,11 @@ def run_one(neighbours: int, duration: float) -> dict[str, Any]:
     try:
         with start_cluster(root, SERVERS) as cluster:
             ids = cluster.ids
+            # Settled means Raft leadership has also moved to the coordinator (a hand-over is a Raft election
+            # too): only what happens after that is counted.
+            wait_until(
+                lambda: all(cluster.status(sid)["raft"]["leader"] == ids[-1] for sid in ids), SETTLE_TIMEOUT_S, 0.05
+            )
             terms_before = max(int(cluster.status(sid)["raft"]["term"]) for sid in ids)
             elections_before = sum(int(cluster.status(sid)["counters"]["elections"]) for sid in ids)
             load_before = os.getloadavg()[0]

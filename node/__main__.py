@@ -19,6 +19,8 @@ from cluster.timings import ClusterTimings
 from node.limits import Limits
 
 SECRET_ENV = "CHATMESH_SECRET"
+# "coordinator" (default): Raft leadership follows the Fast Bully coordinator; "any": it stays where Raft put it.
+RAFT_LEADER_ENV = "CHATMESH_RAFT_LEADER"
 ADMIN_TOKEN_ENV = "CHATMESH_ADMIN_TOKEN"
 
 
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         token = read_secret(ADMIN_TOKEN_ENV, args.admin_token_file, "admin token", required=False)
         limits = Limits.from_env(os.environ)
         timings = ClusterTimings.from_sources(os.environ, args.timing)
+        raft_leader = os.environ.get(RAFT_LEADER_ENV, "coordinator")
+        if raft_leader not in ("coordinator", "any"):
+            raise StartupError(f"{RAFT_LEADER_ENV}={raft_leader!r}: expected coordinator or any")
     except (ConfigError, StartupError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         admin_loopback_only=args.admin_loopback_only,
         limits=limits,
         timings=timings,
+        raft_leader_follows_coordinator=raft_leader == "coordinator",
     )
     node = Node(config, args.id, options)
 
