@@ -65,6 +65,9 @@ class ClusterTimings:
     # detector stretches its windows, does not churn through Raft elections either.
     raft_min_timeout_s: float = 3.5
     raft_max_timeout_s: float = 4.5
+    # After the Raft leader is declared down, the top survivor stands for Raft leader at once, the next one
+    # this much later if there is still no leader, and so on.
+    raft_election_stagger_s: float = 0.1
     # A Raft connection that delivered nothing for this long is dropped (>= raft_max_timeout_s; idle
     # connections carry a keep-alive, see registry/replicated.py).
     raft_connection_timeout_s: float = 5.0
@@ -93,6 +96,9 @@ class ClusterTimings:
     membership_interval_s: float = 0.1
     # A server's first seconds, a fresh majority and an incarnation never heard: no "server down" yet.
     startup_grace_s: float = 5.0
+    # A server whose new incarnation is registered but not heard yet (just restarted or fenced, its links
+    # connecting) is not declared down before this, counted from when it was first seen registered.
+    unheard_grace_s: float = 2.0
     # One attempt to commit this server's own "server up"/"server down" or a declaration.
     announce_timeout_s: float = 2.0
     # How often each server compares the registry with its live sessions.
@@ -197,6 +203,12 @@ class ClusterTimings:
             self.membership_interval_s < self.suspect_after_s,
             "membership_interval_s < suspect_after_s",
             "membership_interval_s",
+            "suspect_after_s",
+        )
+        self._need(
+            self.unheard_grace_s >= 2 * self.suspect_after_s,
+            "unheard_grace_s >= 2 * suspect_after_s",
+            "unheard_grace_s",
             "suspect_after_s",
         )
         self._need(

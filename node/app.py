@@ -268,16 +268,18 @@ class Node:
         log.info("%s: %s is down (%s)", self.server_id, peer, "gone" if certain else "silent")
         self.events.record(time.time(), f"{peer} is down")
         self._membership_wake.set()
-        # The top survivor replaces a dead Raft leader at once, without the random election timeout; the
-        # others wait for it (several candidates at once would split the vote).
-        if self.registry.status().leader in (peer, None) and self._top_survivor():
-            self.registry.leader_is_gone(peer)
+        # A dead Raft leader is replaced at once, without Raft's election timeout: the top survivor stands
+        # first, the next one raft_election_stagger_s later if there is still no leader (the first one's log
+        # may be behind when commits were in flight), and so on; all at once would split the vote.
+        if self.registry.status().leader in (peer, None):
+            self.registry.leader_is_gone(peer, self._survivor_rank() * self.timings.raft_election_stagger_s)
         self.publish_snapshot()
 
-    def _top_survivor(self) -> bool:
+    def _survivor_rank(self) -> int:
+        """0 for the highest-priority server up (the Fast Bully order), 1 for the next, ..."""
         up = self.election.servers_up
-        best = min((s for s in self.config.servers if s.server_id in up), key=lambda s: (-s.priority, s.server_id))
-        return best.server_id == self.server_id
+        ranked = sorted((s for s in self.config.servers if s.server_id in up), key=lambda s: (-s.priority, s.server_id))
+        return [s.server_id for s in ranked].index(self.server_id)
 
     def _on_peer_up(self, peer: str, incarnation: int) -> None:
         log.info("%s: %s is up (incarnation %d)", self.server_id, peer, incarnation)
@@ -386,6 +388,7 @@ class Node:
             self.started_at,
             self.timings.startup_grace_s,
             redeclare_after_s=self.timings.announce_timeout_s,
+            unheard_grace_s=self.timings.unheard_grace_s,
         )
         while True:
             with contextlib.suppress(TimeoutError):

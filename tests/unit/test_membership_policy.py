@@ -103,6 +103,15 @@ def test_an_incarnation_never_heard_gets_the_grace_from_when_it_was_first_seen()
     assert p.decide(view(now + GRACE, ALL - {"s5"}, registered=registered)) == [DeclareDown("s5", 51)]
 
 
+def test_the_unheard_grace_is_settable_and_counts_from_before_this_server_coordinated() -> None:
+    p = MembershipPolicy("s1", 5, started_at=0.0, grace_s=GRACE, redeclare_after_s=REDECLARE, unheard_grace_s=2.0)
+    now = settled(p)
+    registered = dict(REGISTERED, s5=51)
+    assert p.decide(view(now, ALL - {"s5"}, coordinator=False, registered=registered)) == []
+    assert p.decide(view(now + 1.99, ALL - {"s5"}, registered=registered)) == []
+    assert p.decide(view(now + 2.0, ALL - {"s5"}, registered=registered)) == [DeclareDown("s5", 51)]
+
+
 def test_an_incarnation_heard_before_is_declared_without_grace() -> None:
     p = policy()
     now = settled(p)
