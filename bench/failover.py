@@ -176,8 +176,8 @@ def one_round(cluster: Cluster, clients: Clients, index: int, mode: str) -> dict
 
 def _diagnose(cluster: Cluster, survivors: list[str], wall_t0: float, took: float) -> list[str]:
     """The survivors' log lines about the failure, for a round slower than its target."""
-    keys = ("link to", "is down", "is up", "Raft term", "Raft leader", "coordinator is now", "declaring", "stalled")
-    keys += ("again",)
+    keys = ["link to", "is down", "is up", "Raft term", "Raft leader", "coordinator is now", "declaring", "stalled"]
+    keys.append("again")
     lines: list[tuple[float, str]] = []
     for sid in survivors:
         for line in cluster.log(sid).splitlines():
