@@ -32,11 +32,10 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
-from bully.transport import LinkEvent
-
 from bully.election import Broadcast, CoordinatorChanged, Effect, ElectionTimings, FastBully, Send
 from bully.failure_detector import FailureDetector, PeerDown, PeerEvent, PeerUp
 from bully.messages import Heartbeat, Message
+from bully.transport import LinkEvent
 
 Output = Effect | PeerEvent
 # A timer firing later than this is the loop's lateness, credited to every peer's silence; below it, it is
@@ -155,11 +154,14 @@ class ElectionNode:
         return outputs
 
     def on_link_event(self, peer: str, event: LinkEvent, now: float) -> list[Output]:
-        """The shell's evidence: our connection to `peer` ended ("lost") or a reconnect was refused."""
+        """The shell's evidence: our connection to `peer` ended ("lost"), a reconnect was refused, or a
+        connection came up again (which cancels the evidence of a loss)."""
         if event == "lost":
             self.detector.connection_lost(peer, now)
-        else:
+        elif event == "refused":
             self.detector.reconnect_refused(peer, now)
+        else:
+            self.detector.connection_up(peer, now)
         return self._verdicts(now)
 
     def on_deadline(self, now: float, armed_for: float | None = None) -> list[Output]:

@@ -75,6 +75,11 @@ class SnapshotCollector(Collector):
         for server in s.servers:
             coordinator.add_metric([server.server_id], int(server.server_id == s.coordinator))
         yield coordinator
+        yield _gauge(
+            "loop_max_gap_seconds",
+            "Longest the event loop was late to its watchdog tick since the process started",
+            s.loop_max_gap_s,
+        )
         yield _gauge("raft_term", "Current Raft term of the registry replica", s.raft.term)
         yield _gauge("raft_commit_index", "Raft commit index of the registry replica", s.raft.commit_index)
         yield _gauge("raft_applied_index", "Raft index applied to the registry state", s.raft.applied_index)

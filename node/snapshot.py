@@ -95,6 +95,8 @@ def build_snapshot(node: Node, previous: Snapshot | None = None) -> Snapshot:
         recent_events=node.events.freeze(),
         serving=node.serving,
         taken_at=time.time(),
+        loop_max_gap_s=node.loop_monitor.max_gap_s,
+        loop_stalls=node.stall_guard.stalls,
     )
 
 

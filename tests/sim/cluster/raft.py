@@ -260,8 +260,9 @@ class SimRegistry:
     def prefer_leader(self, server_id: str | None) -> None:
         self.model.preferred[self.server_id] = server_id
 
-    def leader_is_gone(self, server_id: str) -> None:
-        """The node knows the Raft leader's process is dead: a Raft election starts at once."""
+    def leader_is_gone(self, server_id: str, after_s: float = 0.0) -> None:
+        """The node knows the Raft leader's process is dead: a Raft election starts at once (the model
+        elects its one leader without a vote split, so the survivors' stagger `after_s` does not apply)."""
         model = self.model
         if model.leader == server_id and not model.live(server_id):
             model.leader = None
