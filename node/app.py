@@ -422,6 +422,10 @@ class Node:
             await self.directory.release_identity(Identity(command.identity))
         elif isinstance(command, rs.CreateRoom):
             await self.directory.delete_room(RoomId(command.room_id), Identity(command.owner))
+        elif isinstance(command, rs.DeleteRoom):
+            # The owner was told "false", yet the room is gone cluster-wide: keeping it here would let its
+            # members chat in a room another server may now create (a duplicate room).
+            self.chat.room_gone_from_registry(command.room_id)
 
     def _spawn(self, coroutine: Any) -> None:
         task = self.loop.create_task(coroutine)

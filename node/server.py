@@ -297,6 +297,14 @@ class ChatServer:
         self._apply(effects)
         return DELETED
 
+    def room_gone_from_registry(self, room_id: str) -> None:
+        """The registry deleted `room_id` with no client told so: a deleteroom refused as in doubt that
+        committed after all. The registry is the truth, so the room goes here too, members to MainHall."""
+        result, effects = self.core.operator_delete_room(room_id, release=False)
+        if result == DELETED:
+            log.info("%s: room %s was deleted in the registry after a refused deleteroom", self.server_id, room_id)
+            self._apply(effects)
+
     @property
     def client_count(self) -> int:
         return self.core.client_count
