@@ -142,7 +142,7 @@ class Node:
             on_peer_down=self._on_peer_down,
             on_peer_up=self._on_peer_up,
         )
-        self.service = CoordinatorService(self.registry, self.election)
+        self.service = CoordinatorService(self.registry, self.election, commit_timeout_s=self.timings.commit_timeout_s)
         self.transport.on_request(REQUEST_KIND, self.service.handle)
         self.directory = ClusterDirectory(
             self.config,
