@@ -39,7 +39,7 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "noisy_neighbour.json"
 SERVERS = 5
 LOGIN_INTERVAL_S = 0.05
 LOGIN_TIMEOUT_S = 10.0
-SAMPLE_INTERVAL_S = 0.2
+SAMPLE_INTERVAL_S = 0.5
 AGREE_TIMEOUT_S = 30.0
 SETTLE_TIMEOUT_S = 15.0
 # One polling neighbour: 16 threads, each spinning 2 ms then sleeping 1 ms, until killed.

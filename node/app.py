@@ -184,7 +184,7 @@ class Node:
             on_peer_up=self._on_peer_up,
             rng=self.rng,
         )
-        self.service = CoordinatorService(self.registry, self.election)
+        self.service = CoordinatorService(self.registry, self.election, commit_timeout_s=self.timings.commit_timeout_s)
         self.transport.on_request(REQUEST_KIND, self.service.handle)
         self.directory = ClusterDirectory(
             self.config,
@@ -416,8 +416,12 @@ class Node:
             return
 
     async def _undo(self, command: rs.Command) -> None:
-        if isinstance(command, rs.ClaimIdentity | rs.CompleteMove) and command.identity not in set(
-            self.chat.local_identities()
+        # Not while a request for the same name is in flight here (a client moving in with it): its outcome
+        # decides, and the reconciler releases whatever no session ends up holding.
+        if (
+            isinstance(command, rs.ClaimIdentity | rs.CompleteMove)
+            and command.identity not in set(self.chat.local_identities())
+            and command.identity not in self.directory.pending
         ):
             await self.directory.release_identity(Identity(command.identity))
         elif isinstance(command, rs.CreateRoom):

@@ -717,6 +717,12 @@ class ChatServer:
             case _:
                 assert_never(request)
         log.debug("%s: %s -> %s in %.3fs", self.server_id, request, ok, self._loop.time() - started)
+        guard = self.stall_guard
+        if ok and guard is not None and not guard.check(self._loop.time()):
+            # Committed before a stall, answered after it: meanwhile the cluster may have declared this server
+            # down and given the name to someone else. Answer once the registry confirms this server is still
+            # live; a fenced server has disconnected the client by then instead.
+            await guard.wait_open()
         self._apply(self.core.resolve(request, ok))
         if isinstance(request, BeginMove) and ok and self.core.is_routed(request.conn):
             conn = self._conns.get(request.conn)
