@@ -32,11 +32,10 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
-from bully.transport import LinkEvent
-
 from bully.election import Broadcast, CoordinatorChanged, Effect, ElectionTimings, FastBully, Send
 from bully.failure_detector import FailureDetector, PeerDown, PeerEvent, PeerUp
 from bully.messages import Heartbeat, Message
+from bully.transport import LinkEvent
 
 Output = Effect | PeerEvent
 # A timer firing later than this is the loop's lateness, credited to every peer's silence; below it, it is
