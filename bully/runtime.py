@@ -1,14 +1,14 @@
 """Drives one server's `ElectionNode` over a `Transport`, on the event loop's clock.
 
-The runtime only moves messages and time: incoming election notifications are decoded, checked against
-their authenticated sender and handed to the node with the loop's time; the node's outputs are sent or
-passed to the node layer's callbacks; one cancellable `loop.call_at` timer is re-armed after every input to
-the node's next deadline. All election logic, the failure detector and the heartbeat schedule live in the
-pure `bully.node.ElectionNode`, which the simulations drive too. Besides messages and its timer the
-runtime hands the node the transport's link events (connection lost, reconnect refused) and the time its
-timer was armed for (the loop's lateness is evidence for the failure detector). Callbacks into the node layer (coordinator
-change, peer down/up) run on the loop and are shielded: an exception there is logged, never allowed to
-stop the election.
+The runtime only moves messages and time: incoming election notifications are decoded, checked against their
+authenticated sender and handed to the node with the loop's time; the node's outputs are sent or passed to the
+node layer's callbacks; one cancellable `loop.call_at` timer is re-armed after every input to the node's next
+deadline. All election logic, the failure detector and the heartbeat schedule live in the pure
+`bully.node.ElectionNode`, which the simulations drive too. Besides messages and its timer the runtime hands
+the node the transport's link events (connection lost, reconnect refused) and the time its timer was armed for
+(the loop's lateness is evidence for the failure detector). Callbacks into the node layer (coordinator change,
+peer down/up) run on the loop and are shielded: an exception there is logged, never allowed to stop the
+election.
 """
 
 from __future__ import annotations
@@ -186,7 +186,11 @@ class ElectionRuntime:
                     self._callback(self._on_coordinator_change, coordinator)
                 case PeerDown(peer, incarnation, certain):
                     log.info(
-                        "%s: %s down (incarnation %d, %s)", self.self_id, peer, incarnation, "gone" if certain else "silent"
+                        "%s: %s down (incarnation %d, %s)",
+                        self.self_id,
+                        peer,
+                        incarnation,
+                        "gone" if certain else "silent",
                     )
                     self._callback(self._on_peer_down, peer, incarnation, certain)
                 case PeerUp(peer, incarnation):

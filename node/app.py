@@ -79,6 +79,7 @@ def raft_timings(t: ClusterTimings) -> RaftTimings:
         auto_tick_period_s=t.raft_tick_period_s,
         commit_timeout_s=t.commit_timeout_s,
         leader_hand_over_interval_s=t.raft_hand_over_interval_s,
+        release_defer_s=t.raft_release_defer_s,
     )
 
 

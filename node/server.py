@@ -126,7 +126,7 @@ class ChatSnapshot:
     counters: Mapping[str, int]  # read-only view of a private copy
 
 
-def _write_transport(writer: asyncio.StreamWriter) -> asyncio.WriteTransport:
+def write_transport(writer: asyncio.StreamWriter) -> asyncio.WriteTransport:
     """The writer's transport. uvloop's transports (CHATMESH_EVENT_LOOP=uvloop) are not subclasses of
     asyncio's classes but offer the same methods, which is all this module uses."""
     return cast(asyncio.WriteTransport, writer.transport)
@@ -369,7 +369,7 @@ class ChatServer:
     # -- connections ---------------------------------------------------------------------------------------
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport = _write_transport(writer)
+        transport = write_transport(writer)
         await self.serve_connection(transport, writer.get_extra_info("peername"), _line_source(reader, self.limits))
 
     async def serve_connection(self, transport: asyncio.WriteTransport, peer: object, source: LineSource) -> None:

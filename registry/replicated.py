@@ -143,7 +143,7 @@ class RaftTimings:
     # A release (ReleaseIdentity: a client left) waits up to this long for another command to share its log
     # entry: a user who quits and the next who logs in then cost one commit, not two. Only a quit's close
     # and a re-login of the same name wait on a release, and no longer than this.
-    release_defer_s: float = 0.005
+    release_defer_s: float = _DEFAULTS.raft_release_defer_s
     # Least time between two attempts to hand leadership to the preferred server (the coordinator).
     leader_hand_over_interval_s: float = _DEFAULTS.raft_hand_over_interval_s
     # How long close() waits for PySyncObj's thread to stop.
