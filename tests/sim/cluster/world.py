@@ -188,14 +188,14 @@ class World:
         )
         server = SimServer(sid, self.lives[sid], loop, node, registry, transport)
         self.servers[sid] = server
-        self.scheduler.loops[sid] = loop
+        self.scheduler.add_loop(loop)
         loop.create_task(node.run())
         self._topology_changed(f"boot {sid} life {server.life} incarnation {node.incarnation}")
 
     def crash(self, sid: str) -> None:
         server = self.servers[sid]
         server.alive = False
-        del self.scheduler.loops[sid]
+        self.scheduler.remove_loop(server.loop)
         self.network.detach(server.transport)
         server.registry.end_of_life()
         server.loop.discard()
