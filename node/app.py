@@ -20,23 +20,25 @@ from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import flask
+
 from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
 from bully.transport import TcpTransport, Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
-from node.admin import Schemes, create_app, serve_admin
+from node.admin import Schemes, create_app
 from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService, Registry
 from node.limits import Limits
-from node.membership import MembershipPolicy, MembershipView
+from node.membership import DeclareDown, MembershipPolicy, MembershipView
 from node.reconcile import Reconciler
 from node.server import ChatServer
 from node.snapshot import SnapshotBuilder
-from node.stall import StallGuard
+from node.stall import LoopMonitor, StallGuard
 from node.status import EventLog, SnapshotBox
-from node.tls import AdminTlsProxy, RealPeer, TlsOptions
-from node.websocket import WebSocketListener, chat_origins, ws_url
+from node.tls import TlsOptions, serve_admin_app
+from node.websocket import listener_for, ws_url
 from registry import state as rs
 from registry.replicated import RaftStatus, RaftTimings, RegistryDataError, RegistryUnavailable, ReplicatedRegistry
 
@@ -95,6 +97,9 @@ class NodeOptions:
     timings: ClusterTimings = field(default_factory=ClusterTimings)
     tls: TlsOptions = field(default_factory=TlsOptions)
     ws_origins: str = ""  # extra browser origins allowed on the WebSocket port (CHATMESH_WS_ORIGINS)
+    # Hand Raft leadership to the Fast Bully coordinator (one hop less per approval; docs/registry.md has
+    # the measurements behind this default). False leaves it wherever Raft elected it.
+    raft_leader_follows_coordinator: bool = True
 
 
 class NodeRegistry(Registry, Protocol):
@@ -107,7 +112,7 @@ class NodeRegistry(Registry, Protocol):
     def has_quorum(self) -> bool: ...
     def servers_up(self) -> dict[str, int]: ...
     def prefer_leader(self, server_id: str | None) -> None: ...
-    def leader_is_gone(self, server_id: str) -> None: ...
+    def leader_is_gone(self, server_id: str, after_s: float = 0.0) -> None: ...
     def status(self) -> RaftStatus: ...
     def counts(self) -> dict[str, int]: ...
     def applied_commands(self) -> int: ...
@@ -193,17 +198,22 @@ class Node:
             tls=self.options.tls.clients,
         )
         tls = self.options.tls
-        self.websocket = WebSocketListener(
-            self.chat,
-            self.me.host,
-            self.me.ws_port,
-            route_urls={(s.host, s.clients_port): ws_url(s, tls.websocket is not None) for s in self.config.servers},
-            origins=chat_origins(self.config, tls.admin is not None, self.options.ws_origins),
-            tls=tls.websocket,
+        self.websocket = listener_for(
+            self.chat, self.config, self.me, tls.websocket, tls.admin is not None, self.options.ws_origins
         )
         self.snapshots = SnapshotBox()
+        self._duties_started = False
+        self.loop_monitor = LoopMonitor(self.timings.stall_tick_s)
         self._snapshot_builder = SnapshotBuilder(
-            self.config, self.server_id, self.chat, self.registry, self.election, self.directory, self.events
+            self.config,
+            self.server_id,
+            self.chat,
+            self.registry,
+            self.election,
+            self.directory,
+            self.events,
+            self.loop_monitor,
+            self.stall_guard,
         )
 
     def request_stop(self) -> None:
@@ -216,11 +226,12 @@ class Node:
         self.loop = loop
         self.started_at = loop.time()
         log.info("%s timings: %s", self.server_id, self.timings.describe())
+        # First thing, so a blocking start-up shows in the largest loop gap too; cancelled at the end.
+        monitor = loop.create_task(self.loop_monitor.run(self._on_loop_tick))
         if self.listen:
             await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
 
         admin_server = None
-        admin_proxy: AdminTlsProxy | None = None
         status = 0
         me = self.me
         tls = self.options.tls
@@ -240,21 +251,8 @@ class Node:
             self.publish_snapshot()
             starting = f"the admin listener ({me.host}:{me.admin_port})"
             if self.listen:
-                schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
-                app = create_app(
-                    self.snapshots,
-                    _AdminActions(self),
-                    self.options.admin_token,
-                    self.options.admin_loopback_only,
-                    schemes,
-                )
-                if tls.admin is None:
-                    admin_server = serve_admin(app, self.me.host, self.me.admin_port)
-                else:  # waitress speaks no TLS: it listens on loopback behind our TLS-terminating relay
-                    admin_server = serve_admin(app, "127.0.0.1", 0)
-                    admin_proxy = AdminTlsProxy(self.me.host, self.me.admin_port, admin_server.port, tls.admin)
-                    app.wsgi_app = RealPeer(app.wsgi_app, admin_proxy.peers)  # type: ignore[method-assign]
-                    await admin_proxy.start()
+                app = await asyncio.to_thread(self._admin_app)
+                admin_server = await serve_admin_app(app, self.me.host, self.me.admin_port, tls.admin)
             starting = None
             await self._serve()
         except (OSError, RegistryDataError) as exc:
@@ -266,10 +264,8 @@ class Node:
             print(f"chatmesh {self.server_id}: cannot start {starting}: {reason}", file=sys.stderr, flush=True)
             status = STARTUP_ERROR_STATUS
         finally:
-            if admin_proxy is not None:
-                await admin_proxy.close()
             if admin_server is not None:
-                admin_server.close()
+                await admin_server.close()
             with contextlib.suppress(Exception):
                 await self.websocket.close()
             with contextlib.suppress(Exception):
@@ -279,13 +275,23 @@ class Node:
             with contextlib.suppress(Exception):
                 await self.transport.close()
             await asyncio.to_thread(self.registry.close)
-        log.info("%s stopped", self.server_id)
+            monitor.cancel()
+        log.info("%s stopped (largest loop gap %.3fs)", self.server_id, self.loop_monitor.max_gap_s)
         return status
+
+    def _admin_app(self) -> flask.Flask:
+        """Build the admin app (a worker thread: Flask's set-up does not belong on the loop)."""
+        options, tls = self.options, self.options.tls
+        schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
+        return create_app(
+            self.snapshots, _AdminActions(self), options.admin_token, options.admin_loopback_only, schemes
+        )
 
     async def _serve(self) -> None:
         """Run the background duties until a stop is requested, then stop cleanly."""
         try:
             async with asyncio.TaskGroup() as tasks:
+                self._duties_started = True
                 self._tasks = tasks
                 early, self._early = self._early, []
                 for coroutine in early:
@@ -294,7 +300,6 @@ class Node:
                 tasks.create_task(self._reconcile_loop())
                 tasks.create_task(self._membership_loop())
                 tasks.create_task(self._snapshot_loop())
-                tasks.create_task(self._stall_watchdog())
                 await self._stop.wait()
                 log.info("%s stopping", self.server_id)
                 await self._shutdown()
@@ -350,23 +355,26 @@ class Node:
         )
         self.directory.coordinator_changed()
         self._membership_wake.set()
-        self.registry.prefer_leader(coordinator)
+        if self.options.raft_leader_follows_coordinator:
+            self.registry.prefer_leader(coordinator)
         self.publish_snapshot()
 
     def _on_peer_down(self, peer: str, incarnation: int, certain: bool = False) -> None:
         log.info("%s: %s is down (%s)", self.server_id, peer, "gone" if certain else "silent")
         self.events.record(time.time(), f"{peer} is down")
         self._membership_wake.set()
-        # The top survivor replaces a dead Raft leader at once, without the random election timeout; the
-        # others wait for it (several candidates at once would split the vote).
-        if self.registry.status().leader in (peer, None) and self._top_survivor():
-            self.registry.leader_is_gone(peer)
+        # A dead Raft leader is replaced at once, without Raft's election timeout: the top survivor stands
+        # first, the next one raft_election_stagger_s later if there is still no leader (the first one's log
+        # may be behind when commits were in flight), and so on; all at once would split the vote.
+        if self.registry.status().leader in (peer, None):
+            self.registry.leader_is_gone(peer, self._survivor_rank() * self.timings.raft_election_stagger_s)
         self.publish_snapshot()
 
-    def _top_survivor(self) -> bool:
+    def _survivor_rank(self) -> int:
+        """0 for the highest-priority server up (the Fast Bully order), 1 for the next, ..."""
         up = self.election.servers_up
-        best = min((s for s in self.config.servers if s.server_id in up), key=lambda s: (-s.priority, s.server_id))
-        return best.server_id == self.server_id
+        ranked = sorted((s for s in self.config.servers if s.server_id in up), key=lambda s: (-s.priority, s.server_id))
+        return [s.server_id for s in ranked].index(self.server_id)
 
     def _on_peer_up(self, peer: str, incarnation: int) -> None:
         log.info("%s: %s is up (incarnation %d)", self.server_id, peer, incarnation)
@@ -415,10 +423,10 @@ class Node:
             self.stall_guard.reopen()
         await self._announce()
 
-    async def _stall_watchdog(self) -> None:
-        while True:
-            await asyncio.sleep(self.timings.stall_tick_s)
-            self.stall_guard.tick(self.loop.time())
+    def _on_loop_tick(self, now: float) -> None:
+        """The loop monitor's tick feeds the stall guard once the server serves its duties."""
+        if self._duties_started:
+            self.stall_guard.tick(now)
 
     def _on_stall(self, gap_s: float) -> None:
         log.warning("%s stalled for %.2fs: holding client input until the registry confirms it", self.server_id, gap_s)
@@ -488,6 +496,7 @@ class Node:
             self.started_at,
             self.timings.startup_grace_s,
             redeclare_after_s=self.timings.announce_timeout_s,
+            unheard_grace_s=self.timings.unheard_grace_s,
         )
         while True:
             with contextlib.suppress(TimeoutError):
@@ -504,12 +513,15 @@ class Node:
             )
             for decision in policy.decide(view):
                 log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))
-                command = rs.ServerDown(self.directory.next_request_id(), decision.server, decision.incarnation)
-                self._spawn(self._declare_down(command))
+                self._spawn(self._declare_down(policy, decision))
 
-    async def _declare_down(self, command: rs.ServerDown) -> None:
-        with contextlib.suppress(RegistryUnavailable):
+    async def _declare_down(self, policy: MembershipPolicy, decision: DeclareDown) -> None:
+        command = rs.ServerDown(self.directory.next_request_id(), decision.server, decision.incarnation)
+        try:
             await self.registry.submit(command, self.timings.announce_timeout_s)
+        except RegistryUnavailable as exc:
+            log.info("%s: declaring %s down: %s; again at the next tick", self.server_id, decision.server, exc)
+            policy.declaration_failed(decision)
 
     async def _snapshot_loop(self) -> None:
         while True:

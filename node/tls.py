@@ -28,6 +28,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flask import Flask
+
+from node.admin import AdminServer, serve_admin
+
 log = logging.getLogger("chatmesh.tls")
 
 # (flag prefix, environment prefix, what) for each port that can speak TLS.
@@ -149,6 +153,33 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write_eof()
         else:
             writer.close()
+
+
+async def serve_admin_app(app: Flask, host: str, port: int, tls: ssl.SSLContext | None) -> AdminListeners:
+    """Serve the admin app on `host:port`: waitress alone, or with `tls` waitress on a private loopback
+    port behind `AdminTlsProxy` (and `RealPeer`, so the app sees the real clients)."""
+    if tls is None:  # binding runs on a worker thread: nothing blocking on the loop
+        return AdminListeners(await asyncio.to_thread(serve_admin, app, host, port), None)
+    server = await asyncio.to_thread(serve_admin, app, "127.0.0.1", 0)
+    proxy = AdminTlsProxy(host, port, server.port, tls)
+    app.wsgi_app = RealPeer(app.wsgi_app, proxy.peers)  # type: ignore[method-assign]
+    try:
+        await proxy.start()
+    except OSError:
+        server.close()
+        raise
+    return AdminListeners(server, proxy)
+
+
+@dataclass
+class AdminListeners:
+    server: AdminServer
+    proxy: AdminTlsProxy | None
+
+    async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
+        await asyncio.to_thread(self.server.close)
 
 
 class RealPeer:

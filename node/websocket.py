@@ -83,6 +83,22 @@ def chat_origins(config: ClusterConfig, admin_secure: bool, extra: str = "") -> 
     return origins
 
 
+def listener_for(
+    chat: ChatServer, config: ClusterConfig, me: ServerConfig, tls: ssl.SSLContext | None, admin_tls: bool,
+    extra_origins: str = "",
+) -> WebSocketListener:
+    """The WebSocket listener of server `me`: routes name the other servers' WebSocket addresses (with this
+    server's scheme: every server of a cluster is set up alike)."""
+    return WebSocketListener(
+        chat,
+        me.host,
+        me.ws_port,
+        route_urls={(s.host, s.clients_port): ws_url(s, tls is not None) for s in config.servers},
+        origins=chat_origins(config, admin_tls, extra_origins),
+        tls=tls,
+    )
+
+
 class _FrameTransport(asyncio.WriteTransport):
     """The chat server's write side over a WebSocket: one text frame per JSON line."""
 

@@ -338,7 +338,7 @@ class ReplicatedRegistry:
         self._last_hand_over = 0.0
         self._sync: _SyncObj | None = None
         # A Raft leader (node id) known dead: the tick thread starts an election if it still follows it.
-        self._elect_against: str | None = None
+        self._elect_against: tuple[str, float] | None = None  # (raft address, not before this monotonic time)
         self.fast_elections = 0
         self._last_keepalive = 0.0
         # Raft terms this replica moved through (each is an election somewhere) and the last (term, leader).
@@ -676,6 +676,9 @@ class ReplicatedRegistry:
         if (term, leader_id) != self._last_term_leader:
             if term != self._last_term_leader[0]:
                 self.raft_terms_seen += 1
+            previous_leader = self._last_term_leader[1]
+            if previous_leader is not None and previous_leader != leader_id:
+                self._bridge.leader_changed()
             self._last_term_leader = (term, leader_id)
             log.info(
                 "%s: Raft term %d, leader %s%s",
@@ -688,10 +691,12 @@ class ReplicatedRegistry:
         if now - self._last_keepalive >= self.timings.connection_timeout_s / 4:
             self._last_keepalive = now
             sync.keep_alive()
-        against, self._elect_against = self._elect_against, None
-        if against is not None and not sample.is_leader:
+        pending = self._elect_against
+        if pending is not None and now >= pending[1]:
+            self._elect_against = None
+            against = pending[0]
             leader = sample.leader
-            if leader is None or leader.id == against:
+            if not sample.is_leader and (leader is None or leader.id == against):
                 log.info("%s: Raft leader %s is gone: starting a Raft election now", self.server_id, against)
                 self.fast_elections += 1
                 sync.elect_now()
@@ -700,13 +705,15 @@ class ReplicatedRegistry:
         if preferred is not None and sample.is_leader:
             self._hand_over(sync, preferred)
 
-    def leader_is_gone(self, server_id: str) -> None:
+    def leader_is_gone(self, server_id: str, after_s: float = 0.0) -> None:
         """`server_id` was declared down: if this replica still follows it as Raft leader (or knows no
-        leader), start a Raft election at once instead of waiting out the election timeout (thread-safe)."""
+        leader) `after_s` from now, start a Raft election then instead of waiting out the election timeout
+        (thread-safe). Survivors call it with staggered delays: the first candidate may not win (its log
+        can be behind another survivor's when commits were in flight), and the next one then tries."""
         sync = self._sync
         if sync is None or self._closed or server_id not in self.config:
             return
-        self._elect_against = self.config.server(server_id).raft_address
+        self._elect_against = (self.config.server(server_id).raft_address, time.monotonic() + after_s)
         sync.wake()
 
     def prefer_leader(self, server_id: str | None) -> None:
