@@ -13,13 +13,13 @@ What the network does to a frame is asked of two hooks, which a simulation overr
   time out, as a cut TCP link does);
 - `reachable(src, dst)`: asked again on arrival; a frame in flight across a link cut meanwhile is dropped.
 
-Failures, as the TCP transport shows them to its callers: a request to an unknown server, to a server with no
-transport attached (connection refused), or from a closed transport fails at once with `RequestFailed`; when a
-transport is detached (its process died) every request waiting on it fails at once (the peer reset the
-connection), and every transport that could reach it reports the link event "lost" and then "refused" (the
-reconnect finds nothing listening), as `TcpTransport` does; a request nobody answers fails after its timeout;
-a handler's exception or a missing handler comes back as `RequestFailed`. Notifications to unreachable or
-absent servers are dropped.
+Failures, as the TCP transport shows them to its callers: a request to an unknown server, to a server with
+no transport attached (connection refused), or from a closed transport fails at once with `RequestFailed`;
+when a transport is detached (its process died) every request waiting on it fails at once (the peer reset
+the connection), and every transport that could reach it reports the link event "lost" and then
+"refused" (the reconnect finds nothing listening), as `TcpTransport` does; a request nobody answers
+fails after its timeout; a handler's exception or a missing
+handler comes back as `RequestFailed`. Notifications to unreachable or absent servers are dropped.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from bully.transport import Complaints, LinkEvent, LinkEventHandler, NotifyHandler, RequestFailed, RequestHandler
+from bully.failure_detector import LinkEvent
+from bully.transport import Complaints, LinkEventHandler, NotifyHandler, RequestFailed, RequestHandler
 
 log = logging.getLogger("chatmesh.transport")
 

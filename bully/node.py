@@ -33,9 +33,8 @@ from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
 from bully.election import Broadcast, CoordinatorChanged, Effect, ElectionTimings, FastBully, Send
-from bully.failure_detector import FailureDetector, PeerDown, PeerEvent, PeerUp
+from bully.failure_detector import FailureDetector, LinkEvent, PeerDown, PeerEvent, PeerUp
 from bully.messages import Heartbeat, Message
-from bully.transport import LinkEvent
 
 Output = Effect | PeerEvent
 # A timer firing later than this is the loop's lateness, credited to every peer's silence; below it, it is
@@ -127,6 +126,10 @@ class ElectionNode:
     @property
     def peer_incarnations(self) -> dict[str, int]:
         return self.detector.incarnations()
+
+    def servers_heard_within(self, now: float, span_s: float) -> set[str]:
+        """This server and the peers heard in the last `span_s` seconds."""
+        return self.detector.heard_within(now, span_s) | {self.self_id}
 
     def next_deadline(self) -> float | None:
         """When `on_deadline` must next be called (None before `start`)."""

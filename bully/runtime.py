@@ -1,14 +1,14 @@
 """Drives one server's `ElectionNode` over a `Transport`, on the event loop's clock.
 
-The runtime only moves messages and time: incoming election notifications are decoded, checked against their
-authenticated sender and handed to the node with the loop's time; the node's outputs are sent or passed to the
-node layer's callbacks; one cancellable `loop.call_at` timer is re-armed after every input to the node's next
-deadline. All election logic, the failure detector and the heartbeat schedule live in the pure
-`bully.node.ElectionNode`, which the simulations drive too. Besides messages and its timer the runtime hands
-the node the transport's link events (connection lost, reconnect refused) and the time its timer was armed for
-(the loop's lateness is evidence for the failure detector). Callbacks into the node layer (coordinator change,
-peer down/up) run on the loop and are shielded: an exception there is logged, never allowed to stop the
-election.
+The runtime only moves messages and time: incoming election notifications are decoded, checked against
+their authenticated sender and handed to the node with the loop's time; the node's outputs are sent or
+passed to the node layer's callbacks; one cancellable `loop.call_at` timer is re-armed after every input to
+the node's next deadline. All election logic, the failure detector and the heartbeat schedule live in the
+pure `bully.node.ElectionNode`, which the simulations drive too. Besides messages and its timer the
+runtime hands the node the transport's link events (connection lost, reconnect refused) and the time its
+timer was armed for (the loop's lateness is evidence for the failure detector). Callbacks into the node
+layer (coordinator change, peer down/up) run on the loop and are shielded: an exception there is logged,
+never allowed to stop the election.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from bully.election import ElectionTimings
+from bully.failure_detector import LinkEvent
 from bully.messages import ELECTION_KINDS, ProtocolError, from_wire, to_wire
 from bully.node import Broadcast, CoordinatorChanged, ElectionNode, Output, PeerDown, PeerUp, Role, Send
-from bully.transport import LinkEvent, Transport
+from bully.transport import Transport
 from cluster.config import ClusterConfig
 
 log = logging.getLogger("chatmesh.election")
@@ -114,6 +115,11 @@ class ElectionRuntime:
     def peer_incarnations(self) -> dict[str, int]:
         return self.node.peer_incarnations
 
+    def servers_heard_within(self, span_s: float) -> set[str]:
+        """This server and the peers heard in the last `span_s` seconds (call on the loop)."""
+        now = self._loop.time() if self._loop is not None else 0.0
+        return self.node.servers_heard_within(now, span_s)
+
     def start_election(self) -> None:
         """Operator trigger: run an election now (call on the loop)."""
         if not self._running or self._loop is None:
@@ -185,13 +191,8 @@ class ElectionRuntime:
                     log.info("%s: coordinator %s (epoch %d)", self.self_id, coordinator, self.node.epoch)
                     self._callback(self._on_coordinator_change, coordinator)
                 case PeerDown(peer, incarnation, certain):
-                    log.info(
-                        "%s: %s down (incarnation %d, %s)",
-                        self.self_id,
-                        peer,
-                        incarnation,
-                        "gone" if certain else "silent",
-                    )
+                    how = "gone" if certain else "silent"
+                    log.info("%s: %s down (incarnation %d, %s)", self.self_id, peer, incarnation, how)
                     self._callback(self._on_peer_down, peer, incarnation, certain)
                 case PeerUp(peer, incarnation):
                     log.info("%s: %s up (incarnation %d)", self.self_id, peer, incarnation)

@@ -44,8 +44,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
+from bully.failure_detector import LinkEvent
 from cluster.config import ClusterConfig
 from cluster.framing import MAX_LINE_BYTES, FrameError, LineDecoder, LineTooLong, decode_object, encode
 
@@ -73,9 +74,6 @@ COMPLAINT_INTERVAL_S = 10.0
 MAX_COMPLAINT_KEYS = 256
 
 NotifyHandler = Callable[[str, dict[str, Any]], None]
-# Evidence about a peer's process for the failure detector: our connection to it ended ("lost"), a
-# connection attempt was refused ("refused": nothing listens on its port), or it is established ("up").
-LinkEvent = Literal["lost", "refused", "up"]
 LinkEventHandler = Callable[[str, LinkEvent], None]
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 

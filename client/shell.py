@@ -34,9 +34,9 @@ from client.core import (
     FollowRoute,
     Hint,
     Phase,
-    Quit,
+    QuitCommand,
     Reconnect,
-    Send,
+    SendMessage,
     Show,
     is_approved,
     parse_command,
@@ -291,7 +291,7 @@ class ClientShell:
         if self.core.phase is Phase.DONE:
             return None
         quitting = isinstance(event, UserEnd) or (
-            isinstance(event, UserLine) and isinstance(parse_command(event.text), Quit)
+            isinstance(event, UserLine) and isinstance(parse_command(event.text), QuitCommand)
         )
         if quitting and not self._held and self.core.phase is Phase.RECONNECTING:
             return await self._apply(self.core.command("#quit"))
@@ -321,7 +321,7 @@ class ClientShell:
     async def _apply(self, effects: list[Effect]) -> int | None:
         for effect in effects:
             match effect:
-                case Send(message):
+                case SendMessage(message):
                     await self._send(message)
                 case Show(line):
                     self.output.show(printable(line))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import hmac
 import ipaddress
@@ -210,8 +211,8 @@ def client_json(client: ClientView, snapshot: Snapshot) -> dict[str, Any]:
 
 
 def status_json(snapshot: Snapshot) -> dict[str, Any]:
-    """Issue 4's /status fields, then a few extra ones the dashboard uses."""
-    raft = snapshot.raft
+    """Issue 4's /status fields, then a few extra ones the dashboard uses. The status types serialise
+    themselves (their fields are the schema: node/status.py)."""
     return {
         "server_id": snapshot.server_id,
         "pid": snapshot.pid,
@@ -220,15 +221,8 @@ def status_json(snapshot: Snapshot) -> dict[str, Any]:
         "servers_up": list(snapshot.servers_up),
         "clients": snapshot.local_client_count,
         "rooms": [r.room_id for r in snapshot.local_rooms],
-        "raft": {
-            "leader": raft.leader,
-            "term": raft.term,
-            "commit_index": raft.commit_index,
-            "applied_index": raft.applied_index,
-            "is_leader": raft.is_leader,
-            "quorum": raft.quorum,
-        },
-        "registry": {"identities": snapshot.registry_counts.identities, "rooms": snapshot.registry_counts.rooms},
+        "raft": dataclasses.asdict(snapshot.raft),
+        "registry": dataclasses.asdict(snapshot.registry_counts),
         "serving": snapshot.serving,
         "counters": counters_json(snapshot),
         "taken_at": snapshot.taken_at,
@@ -237,15 +231,7 @@ def status_json(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def counters_json(snapshot: Snapshot) -> dict[str, int]:
-    c = snapshot.counters
-    return {
-        "messages_relayed": c.messages_relayed,
-        "deliveries": c.deliveries,
-        "approvals": c.approvals,
-        "refusals": c.refusals,
-        "elections": c.elections,
-        "kicks": c.kicks,
-    }
+    return dataclasses.asdict(snapshot.counters)
 
 
 def cluster_json(snapshot: Snapshot, schemes: Schemes = PLAIN) -> dict[str, Any]:

@@ -13,8 +13,9 @@ import contextlib
 import logging
 import os
 import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,15 +34,19 @@ from node.limits import Limits
 from node.membership import DeclareDown, MembershipPolicy, MembershipView
 from node.reconcile import Reconciler
 from node.server import ChatServer
-from node.snapshot import build_snapshot
+from node.snapshot import SnapshotBuilder
 from node.stall import LoopMonitor, StallGuard
 from node.status import EventLog, SnapshotBox
 from node.tls import TlsOptions, serve_admin_app
 from node.websocket import listener_for, ws_url
 from registry import state as rs
-from registry.replicated import RaftStatus, RaftTimings, RegistryUnavailable, ReplicatedRegistry
+from registry.replicated import RaftStatus, RaftTimings, RegistryDataError, RegistryUnavailable, ReplicatedRegistry
 
 log = logging.getLogger("chatmesh.node")
+
+# Exit status of a server that could not start (a port in use, a data directory locked): as for a bad
+# configuration, the operator must change something before starting it again.
+STARTUP_ERROR_STATUS = 2
 
 # How often the admin snapshot is refreshed (also refreshed on every change).
 SNAPSHOT_INTERVAL_S = 0.25
@@ -143,10 +148,12 @@ class Node:
         self._stop = asyncio.Event()
         self.serving = False
         self.started_at = 0.0
-        self._background: set[asyncio.Task[Any]] = set()
+        # Work started from callbacks (undo, rejoin, stall confirmation, declarations) runs in the serving
+        # TaskGroup, cancelled and awaited at stop; what is asked before it exists waits for it.
+        self._tasks: asyncio.TaskGroup | None = None
+        self._early: list[Coroutine[Any, Any, None]] = []
         self._rejoining = False
         self.events = EventLog()
-        self.snapshot_lists_key: tuple[int, int] | None = None
         self.timings = options.timings
         self._membership_wake = asyncio.Event()
         self.registry: NodeRegistry = registry or ReplicatedRegistry(
@@ -155,23 +162,7 @@ class Node:
         self.transport: Transport = transport or TcpTransport(config, self.server_id, options.secret.encode())
         self.listen = listen
         self.rng = rng or random.Random()
-        self._duties_started = False
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    # -- lifetime ------------------------------------------------------------------------------------
-
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        self.loop = loop
-        self.started_at = loop.time()
-        log.info("%s timings: %s", self.server_id, self.timings.describe())
-        self.loop_monitor = LoopMonitor(self.timings.stall_tick_s)
-        monitor = loop.create_task(self.loop_monitor.run(self._on_loop_tick))
-        if self.listen:
-            await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
-
+        # The object graph, built here with explicit arguments; run() only starts it.
         self.registry.add_listener(self._on_applied_threadsafe)
         self.election = ElectionRuntime(
             self.config,
@@ -212,26 +203,67 @@ class Node:
             self.chat, self.config, self.me, tls.websocket, tls.admin is not None, self.options.ws_origins
         )
         self.snapshots = SnapshotBox()
+        self._duties_started = False
+        self.loop_monitor = LoopMonitor(self.timings.stall_tick_s)
+        self._snapshot_builder = SnapshotBuilder(
+            self.config,
+            self.server_id,
+            self.chat,
+            self.registry,
+            self.election,
+            self.directory,
+            self.events,
+            self.loop_monitor,
+            self.stall_guard,
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.started_at = loop.time()
+        log.info("%s timings: %s", self.server_id, self.timings.describe())
+        # First thing, so a blocking start-up shows in the largest loop gap too; cancelled at the end.
+        monitor = loop.create_task(self.loop_monitor.run(self._on_loop_tick))
+        if self.listen:
+            await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
+
         admin_server = None
         status = 0
+        me = self.me
+        tls = self.options.tls
+        starting: str | None = f"the registry (Raft port {me.host}:{me.raft_port})"
         try:
             await asyncio.to_thread(self.registry.start)
+            starting = f"the coordination listener ({me.host}:{me.coordination_port})"
             await self.transport.start()
             await self.election.start()
+            starting = f"the client listener ({me.host}:{me.clients_port})"
             if self.listen:
                 await self.chat.start()
+                starting = f"the WebSocket listener ({me.host}:{me.ws_port})"
                 await self.websocket.start()
             else:
                 self.chat.open()
             self.publish_snapshot()
+            starting = f"the admin listener ({me.host}:{me.admin_port})"
             if self.listen:
                 app = await asyncio.to_thread(self._admin_app)
                 admin_server = await serve_admin_app(app, self.me.host, self.me.admin_port, tls.admin)
+            starting = None
             await self._serve()
-        except OSError as exc:
-            log.error("%s cannot start: %s", self.server_id, exc)
-            print(f"chatmesh {self.server_id}: cannot start: {exc}", flush=True)
-            status = 1
+        except (OSError, RegistryDataError) as exc:
+            if starting is None:
+                raise
+            # Start-up errors are configuration or environment errors: one line naming what, exit status 2.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.error("%s cannot start %s: %s", self.server_id, starting, reason)
+            print(f"chatmesh {self.server_id}: cannot start {starting}: {reason}", file=sys.stderr, flush=True)
+            status = STARTUP_ERROR_STATUS
         finally:
             if admin_server is not None:
                 await admin_server.close()
@@ -261,6 +293,10 @@ class Node:
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._duties_started = True
+                self._tasks = tasks
+                early, self._early = self._early, []
+                for coroutine in early:
+                    tasks.create_task(self._guarded(coroutine))
                 tasks.create_task(self._announce())
                 tasks.create_task(self._reconcile_loop())
                 tasks.create_task(self._membership_loop())
@@ -432,10 +468,19 @@ class Node:
             # members chat in a room another server may now create (a duplicate room).
             self.chat.room_gone_from_registry(command.room_id)
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = self.loop.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run `coroutine` in the serving TaskGroup (cancelled and awaited at stop, never forgotten)."""
+        if self._tasks is None:
+            self._early.append(coroutine)
+        else:
+            self._tasks.create_task(self._guarded(coroutine))
+
+    async def _guarded(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """A failing piece of background work is logged; it must not stop the whole server."""
+        try:
+            await coroutine
+        except Exception:
+            log.exception("%s: background work failed", self.server_id)
 
     # -- periodic work --------------------------------------------------------------------------------
 
@@ -473,6 +518,7 @@ class Node:
                 heard=self.election.peer_incarnations,
                 registered=self.registry.servers_up(),
                 has_quorum=self.registry.has_quorum(),
+                heard_recently=self.election.servers_heard_within(self.timings.suspect_after_s / 2),
             )
             for decision in policy.decide(view):
                 log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))
@@ -492,7 +538,7 @@ class Node:
             self.publish_snapshot()
 
     def publish_snapshot(self) -> None:
-        self.snapshots.publish(build_snapshot(self, self.snapshots.get()))
+        self.snapshots.publish(self._snapshot_builder.build(self.serving, self.snapshots.get()))
 
 
 class _Stopped(Exception):

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import signal
 import ssl
 import subprocess
@@ -28,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster.config import ClusterConfig, ConfigError, load_config
+from registry.replicated import default_data_dir, wipe_data_dir
 
 # The directory holding the `node` package: children run `python -m node` from it, installed or not.
 CODE_ROOT = Path(__file__).resolve().parent.parent
@@ -52,10 +52,6 @@ def local_secret(secret_file: Path) -> str:
     return value
 
 
-def default_data_root(config: ClusterConfig, base: Path) -> Path:
-    return base / "data" / config.fingerprint()
-
-
 def _pump(prefix: str, stream: object) -> None:
     for raw in iter(stream.readline, b""):  # type: ignore[attr-defined]
         line = raw.decode("utf-8", "replace").rstrip("\n")
@@ -76,14 +72,20 @@ def _get_json(url: str) -> dict[str, object] | None:
 
 class Supervisor:
     def __init__(
-        self, config: ClusterConfig, config_path: Path, ids: list[str], data_root: Path, base: Path, admin_scheme: str
+        self,
+        config: ClusterConfig,
+        config_path: Path,
+        ids: list[str],
+        data_dirs: dict[str, Path],
+        base: Path,
+        admin_scheme: str,
     ) -> None:
         self.base = base
         self.admin_scheme = admin_scheme
         self.config = config
         self.config_path = config_path
         self.ids = ids
-        self.data_root = data_root
+        self.data_dirs = data_dirs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.width = max(len(i) for i in ids)
 
@@ -93,7 +95,7 @@ class Supervisor:
                 sys.executable, "-m", "node",
                 "--config", str(self.config_path),
                 "--id", server_id,
-                "--data-dir", str(self.data_root / server_id),
+                "--data-dir", str(self.data_dirs[server_id]),
             ]  # fmt: skip
             # Same process group as the supervisor: Ctrl-C reaches every server, and killing the group
             # (as a test or an init system does) leaves no orphan behind.
@@ -185,10 +187,12 @@ def main(argv: list[str] | None = None, *, base: Path | None = None, prog: str =
             print(f"{prog}: unknown server id(s) {', '.join(unknown)} in --only", file=sys.stderr)
             return 2
         ids = wanted
-    data_root = Path(args.data_root).resolve() if args.data_root else default_data_root(config, base)
+    # The servers' own default (<base>/data/<configuration fingerprint>/<id>), or <data root>/<id>.
+    root = Path(args.data_root).resolve() if args.data_root else None
+    data_dirs = {sid: root / sid if root else default_data_dir(config, sid, base / "data") for sid in ids}
     if args.fresh:
-        for server_id in ids:
-            shutil.rmtree(data_root / server_id, ignore_errors=True)
+        for data_dir in data_dirs.values():
+            wipe_data_dir(data_dir)
 
     env = dict(os.environ)
     try:
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None, *, base: Path | None = None, prog: str =
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(CODE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     admin_scheme = "https" if env.get("CHATMESH_ADMIN_TLS_CERT") else "http"
-    supervisor = Supervisor(config, config_path, ids, data_root, base, admin_scheme)
+    supervisor = Supervisor(config, config_path, ids, data_dirs, base, admin_scheme)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

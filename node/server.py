@@ -9,7 +9,7 @@ buffer to its transport in a single write (a broadcast is encoded once for all i
 whose unsent output (our buffer plus the transport's) exceeds `max_pending_output_bytes` is aborted and
 dropped as an abrupt quit, so a slow reader can neither stall its room nor grow memory.
 
-Cluster requests (`ClaimIdentity`, `CreateRoom`, ...) run as tracked tasks that await the `Directory`
+Cluster requests (`ClaimIdentityRequest`, `CreateRoomRequest`, ...) run as tracked tasks that await the `Directory`
 under a timeout and feed the answer back to the core; registry releases run the same way. Every task
 this server starts is in a set it cancels and awaits on close: nothing is fire-and-forget.
 
@@ -17,8 +17,8 @@ A connection lives in `_conns` from accept until the core emits `Close` for it (
 that can be after its reader task ended (the peer closed while a request was in flight). Connections
 are counted per address and in total from accept to close.
 
-Threads: everything runs on the loop. Other threads read `latest_snapshot` only (an immutable object
-replaced, never mutated).
+Threads: everything runs on the loop, and nothing here is read from another thread: the admin thread
+sees this server only in the node's published snapshot (`node.status.SnapshotBox`).
 """
 
 from __future__ import annotations
@@ -40,22 +40,23 @@ from cluster.names import Identity, RoomId, ServerId
 from node import protocol as wire
 from node.chat import (
     DELETED,
-    BeginMove,
-    Broadcast,
+    REQUEST_TYPES,
+    BeginMoveRequest,
     ChatCore,
-    ClaimIdentity,
+    ClaimIdentityRequest,
     Close,
-    CompleteMove,
+    CompleteMoveRequest,
     ConnId,
-    CreateRoom,
-    DeleteRoom,
+    CreateRoomRequest,
+    DeleteRoomRequest,
+    Deliver,
     Effect,
     LimitExceeded,
-    ReleaseIdentity,
+    Multicast,
+    ReleaseIdentityRequest,
     ReleaseRoom,
     Request,
     RoomSnapshot,
-    Send,
 )
 from node.directory import Directory
 from node.limits import Limits, RateLimiter, Verdict
@@ -511,7 +512,7 @@ class ChatServer:
             # Re-entered from a drop below: effects are already ordered after the current batch.
             self._apply_batch(effects)
             return
-        if not all(type(e) is Broadcast and e.message.get("type") == "message" for e in effects):
+        if not all(type(e) is Multicast and e.message.get("type") == "message" for e in effects):
             self.generation += 1  # anything but chat may have changed sessions or rooms
         self._applying = True
         try:
@@ -558,7 +559,7 @@ class ChatServer:
         conns = self._conns
         release: asyncio.Task[None] | None = None  # the last identity release of this batch
         for effect in effects:
-            if type(effect) is Broadcast:
+            if type(effect) is Multicast:
                 data = encode(effect.message)
                 held = self._held
                 # The core hands out one tuple per room membership, so `is` finds a run to the same room.
@@ -571,7 +572,7 @@ class ChatServer:
                     self._schedule_flush()
                 continue
             self._materialize()
-            if type(effect) is Send:
+            if type(effect) is Deliver:
                 send_to = conns.get(effect.conn)
                 if send_to is not None:
                     self._write_one(send_to, encode(effect.message))
@@ -589,12 +590,12 @@ class ChatServer:
                 limited = conns.get(effect.conn)
                 if limited is not None:
                     self._violation(limited, "queue", effect.reason)
-            elif type(effect) is ReleaseIdentity:
+            elif type(effect) is ReleaseIdentityRequest:
                 release = self._spawn_release(effect.identity)
             elif type(effect) is ReleaseRoom:
                 self._spawn(self._release_room(effect))
             else:
-                assert isinstance(effect, ClaimIdentity | CompleteMove | CreateRoom | DeleteRoom | BeginMove), effect
+                assert isinstance(effect, REQUEST_TYPES), effect
                 self._spawn(self._run_request(effect))
 
     def _write_one(self, conn: _Conn, data: bytes) -> None:
@@ -702,17 +703,17 @@ class ChatServer:
         assert self._loop is not None
         started = self._loop.time()
         match request:
-            case ClaimIdentity(identity=identity):
+            case ClaimIdentityRequest(identity=identity):
                 await self._after_release(identity)
                 ok = await self._bounded("claim_identity", directory.claim_identity(identity))
-            case CompleteMove(identity=identity):
+            case CompleteMoveRequest(identity=identity):
                 await self._after_release(identity)
                 ok = await self._bounded("complete_move", directory.complete_move(identity))
-            case CreateRoom(room_id=room_id, owner=owner):
+            case CreateRoomRequest(room_id=room_id, owner=owner):
                 ok = await self._bounded("create_room", directory.create_room(room_id, owner))
-            case DeleteRoom(room_id=room_id, owner=owner):
+            case DeleteRoomRequest(room_id=room_id, owner=owner):
                 ok = await self._bounded("delete_room", directory.delete_room(room_id, owner))
-            case BeginMove(identity=identity, server_id=to_server):
+            case BeginMoveRequest(identity=identity, server_id=to_server):
                 ok = await self._bounded("begin_move", directory.begin_move(identity, to_server))
             case _:
                 assert_never(request)
@@ -724,7 +725,7 @@ class ChatServer:
             # live; a fenced server has disconnected the client by then instead.
             await guard.wait_open()
         self._apply(self.core.resolve(request, ok))
-        if isinstance(request, BeginMove) and ok and self.core.is_routed(request.conn):
+        if isinstance(request, BeginMoveRequest) and ok and self.core.is_routed(request.conn):
             conn = self._conns.get(request.conn)
             if conn is not None and self._loop is not None:
                 if conn.timer is not None:

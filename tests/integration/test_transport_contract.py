@@ -194,3 +194,22 @@ def test_a_closed_transport_refuses_requests(make: Callable[[], Factory]) -> Non
             await closed(b)
 
     run(main)
+
+
+def test_a_peer_that_goes_away_is_reported_lost_then_refused(make: Callable[[], Factory]) -> None:
+    """The failure detector's certain evidence: our connection ended, and the reconnect found nobody."""
+
+    async def main() -> None:
+        a, b = await started(make(), "s1", "s2")
+        events: list[tuple[str, str]] = []
+        a.on_link_event(lambda peer, event: events.append((peer, event)))
+        b.on_request("echo", echo)
+        try:
+            await a.request("s2", {"kind": "echo", "n": 0}, 5.0)  # connected
+            await b.close()
+            await eventually(lambda: ("s2", "refused") in events, what="the refused reconnect")
+            assert events.index(("s2", "lost")) < events.index(("s2", "refused"))
+        finally:
+            await closed(a)
+
+    run(main)

@@ -19,6 +19,7 @@ Invariants, after every step:
   up, and no room is hosted by two such servers;
 - every client request gets one answer (a typed reply nobody asked for fails at once), within
   `ANSWER_BOUND_S` of time the server was not frozen; a login is never closed unanswered;
+- no committed ReleaseIdentity frees a name that a session of that same server life still holds;
 - no committed "server down" names a server life that was alive, unfrozen and on a majority side for the
   whole last `HEALTHY_S` (a healthy server is never fenced);
 - each ChatCore's own invariants hold; no production callback or task raises.
@@ -43,6 +44,7 @@ from pathlib import Path
 from bully.memory_transport import MemoryNetwork, MemoryTransport
 from cluster.config import ClusterConfig, parse_config
 from cluster.names import is_mainhall
+from cluster.timings import ClusterTimings
 from node.app import Node, NodeOptions
 from node.server import DIRECTORY_TIMEOUT_S
 from registry import state as rs
@@ -66,9 +68,13 @@ class SimulationFailure(AssertionError):
 class Options:
     servers: int = 3
     clients: int = 5
-    chaos_s: float = 20.0
-    settle_s: float = 25.0
+    chaos_s: float = 15.0
+    # Long enough for a routed client that never arrived to expire (MOVE_TIMEOUT_S, 10 s of wall clock)
+    # and for the reconciler's two passes after that.
+    settle_s: float = 18.0
     mutation: str | None = None
+    # Production timings, except what a test sets (every timing is settable: cluster/timings.py).
+    timings: ClusterTimings = field(default_factory=ClusterTimings)
 
 
 @dataclass
@@ -101,7 +107,14 @@ class World:
         self.servers: dict[str, SimServer] = {}
         self.lives: dict[str, int] = {sid: 0 for sid in self.ids}
         self.network = MemoryNetwork(delay=self._frame_delay, reachable=self._connected)
-        self.raft = RaftModel(self.ids, self.rng, reachable=self._raft_reachable, live=self._live)
+        t = self.options.timings
+        self.raft = RaftModel(
+            self.ids,
+            self.rng,
+            reachable=self._raft_reachable,
+            live=self._live,
+            election_timeout_s=(t.raft_min_timeout_s, t.raft_max_timeout_s),
+        )
         self.raft.on_commit = self._on_commit
         self.clients = [SimClient(self, i) for i in range(1, self.options.clients + 1)]
         self.healthy_since: dict[str, float | None] = {sid: None for sid in self.ids}
@@ -113,6 +126,7 @@ class World:
         self._change_key: tuple[int, ...] | None = None
         self.errors: list[str] = []
         self.dead_loops: list[SimLoop] = []
+        self._running: list[SimServer] = []  # the live servers, as of the last topology change
 
     # -- topology -------------------------------------------------------------------------------------------
 
@@ -143,6 +157,8 @@ class World:
 
     def _topology_changed(self, what: str) -> None:
         self.log(f"** {what}")
+        self._running = self.servers_alive()
+        self._change_key = None
         now = self.clock.now
         for sid in self.ids:
             healthy = self._live(sid) and len(self.raft.component(sid)) >= self.raft.majority
@@ -158,7 +174,9 @@ class World:
         loop = SimLoop(self.clock, f"{sid}#{self.lives[sid]}", self._loop_error)
         registry = SimRegistry(self.raft, sid, loop)
         transport = MemoryTransport(self.network, sid, self.ids, loop)
-        options = NodeOptions(data_dir=Path(f"/nonexistent/sim/{sid}"), secret="simulation")
+        options = NodeOptions(
+            data_dir=Path(f"/nonexistent/sim/{sid}"), secret="simulation", timings=self.options.timings
+        )
         node = Node(
             self.config,
             sid,
@@ -170,14 +188,14 @@ class World:
         )
         server = SimServer(sid, self.lives[sid], loop, node, registry, transport)
         self.servers[sid] = server
-        self.scheduler.loops[sid] = loop
+        self.scheduler.add_loop(loop)
         loop.create_task(node.run())
         self._topology_changed(f"boot {sid} life {server.life} incarnation {node.incarnation}")
 
     def crash(self, sid: str) -> None:
         server = self.servers[sid]
         server.alive = False
-        del self.scheduler.loops[sid]
+        self.scheduler.remove_loop(server.loop)
         self.network.detach(server.transport)
         server.registry.end_of_life()
         server.loop.discard()
@@ -292,8 +310,10 @@ class World:
             overdue = client.overdue(now, ANSWER_BOUND_S)
             if overdue is not None:
                 self.fail(overdue)
-        live = [s for s in self.servers_alive() if hasattr(s.node, "chat")]
-        key = (self.raft.commit, *(s.node.chat.generation for s in live), *(s.life for s in live))
+        live = self._running
+        key = self.raft.commit
+        for server in live:
+            key = key * 31 + server.node.chat.generation
         if key == self._change_key:
             return
         self._change_key = key
@@ -318,6 +338,8 @@ class World:
     def _on_commit(self, entry: Entry, result: rs.Result) -> None:
         command = entry.command
         self.log(f"commit {describe(command)} from {entry.submitter} -> {'ok' if result.ok else result.reason}")
+        if isinstance(command, rs.ReleaseIdentity) and result.ok:
+            self._check_release(command)
         if isinstance(command, rs.ServerDown) and result.ok:
             server = self.servers.get(command.server)
             since = self.healthy_since.get(command.server)
@@ -332,6 +354,16 @@ class World:
                     f"{command.server} (incarnation {command.incarnation}) was declared down although it has been "
                     f"up and on a majority side for {self.clock.now - since:.2f}s"
                 )
+
+    def _check_release(self, command: rs.ReleaseIdentity) -> None:
+        """A release that commits must not free a name a session of that same server life still holds:
+        the session's claim came earlier in the log, so the registry would lose it under a live session.
+        (A room is different: `deleteroom` deletes it from the registry first, then from the server.)"""
+        server = self.servers.get(command.server)
+        if server is None or not server.alive or server.node.incarnation != command.incarnation:
+            return
+        if any(c.identity == command.identity for c in server.node.chat.core.snapshot().clients):
+            self.fail(f"{command.server} released {command.identity} while a session of it holds that name")
 
     def _check_settled(self) -> None:
         live = self.servers_alive()
@@ -402,7 +434,9 @@ class World:
 
 
 def _config(ids: list[str]) -> ClusterConfig:
-    lines = [f"{sid} 127.0.0.1 {4000 + i} {5000 + i} {i} {6000 + i} {7000 + i}" for i, sid in enumerate(ids, 1)]
+    lines = [
+        f"{sid} 127.0.0.1 {4000 + i} {5000 + i} {i} {6000 + i} {7000 + i} {8000 + i}" for i, sid in enumerate(ids, 1)
+    ]
     return parse_config("\n".join(lines), source="<simulation>")
 
 
