@@ -2,7 +2,7 @@
 
     python -m bench.all [--quick] [--only approval,fanout] [--skip connections]
 
-Runs each bench script present in bench/ (registry, approval, fanout, connections, failover,
+Runs each bench script present in bench/ (registry, approval, fanout, connections, failover, noisy_neighbour,
 election_messages) one after another as `python -m bench.<name>`, each writing its own JSON report under
 bench/results/, then writes bench/results/latest.json: the machine (CPU model, cores, Python version,
 date), and per bench its exit status, wall time and report. A bench that fails or is missing is recorded
@@ -22,7 +22,7 @@ from typing import Any
 from bench.common import RESULTS_DIR, ROOT, format_table, machine_info, write_report
 
 # In run order: the quick, quiet ones first, the one that loads the machine most last.
-BENCHES = ("registry", "election_messages", "approval", "fanout", "failover", "scale", "connections")
+BENCHES = ("registry", "election_messages", "approval", "fanout", "failover", "noisy_neighbour", "scale", "connections")
 # One bench may not run longer than this.
 BENCH_TIMEOUT_S = 600.0
 

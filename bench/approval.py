@@ -4,9 +4,11 @@
 
 Each approval crosses the whole cluster: the client's server asks the Fast Bully coordinator, which
 commits the claim to the Raft registry (a majority of the servers) before the client hears `approved`.
-For every cluster size, the bare registry commit (`bench.registry.commit_baseline`: one writer at the
-Raft leader, journal on) is measured right before and right after the chat cluster, and every figure is
-also given as a multiple of that commit's p50: on a shared machine that ratio is the figure that holds.
+For every cluster size, a bare registry of the same size (`bench.registry.registry_cluster`: PySyncObj
+nodes without the chat server, journal on) runs beside the chat cluster, and blocks of its commit (one
+writer at the Raft leader) are measured before, between and after the chunks of each phase. Every figure
+is also given as a multiple of the commit p50 measured around it: on a shared machine that ratio is the
+figure that holds.
 
 Modes:
 
@@ -31,6 +33,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.common import (
@@ -44,8 +47,10 @@ from bench.common import (
     latency_summary,
     machine_info,
     node_importable,
+    proc_cpu_s,
+    server_pid,
 )
-from bench.registry import commit_baseline
+from bench.registry import registry_cluster, run_load
 
 CONCURRENT_CLIENTS = 64
 # Targets of issue 14, as multiples of the bare commit p50 measured in the same run.
@@ -60,6 +65,8 @@ TARGET_P99_MS = 15.0
 TARGET_APPROVALS_PER_S = 1000.0
 # How long a bench waits for Raft leadership to follow the coordinator after the cluster started.
 LEADER_WAIT_S = 10.0
+# Sequential phases run in this many chunks, with a block of bare commits before, between and after.
+CHUNKS = 4
 # Warm-up requests per server before measuring (connections, caches, the Raft pipeline).
 WARMUP = 20
 
@@ -71,6 +78,7 @@ class Phase:
         self.latency: dict[str, list[float]] = {kind: [] for kind in kinds}
         self.refused: dict[str, int] = {kind: 0 for kind in kinds}
         self.wall_s = 0.0
+        self.cpu_s = 0.0  # CPU of the chat servers meanwhile
 
     def record(self, kind: str, reply: dict[str, Any], seconds: float) -> None:
         if reply.get("approved") == "true":
@@ -81,6 +89,14 @@ class Phase:
     @property
     def approvals(self) -> int:
         return sum(len(v) for v in self.latency.values())
+
+    def merge(self, other: Phase) -> Phase:
+        for kind in self.latency:
+            self.latency[kind] += other.latency[kind]
+            self.refused[kind] += other.refused[kind]
+        self.wall_s += other.wall_s
+        self.cpu_s += other.cpu_s
+        return self
 
 
 async def claim(client: LineClient, identity: str, room: str, phase: Phase) -> None:
@@ -156,17 +172,27 @@ async def login_cycles(address: tuple[str, int], workers: int, per_worker: int, 
     return phase
 
 
-def rows_of(where: str, mode: str, phase: Phase) -> list[dict[str, Any]]:
+def rows_of(where: str, mode: str, phase: Phase, commit: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for kind, seconds in phase.latency.items():
+        summary = latency_summary(seconds)
         rows.append(
             {
                 "client_on": where,
                 "mode": mode,
                 "request": kind,
-                **latency_summary(seconds),
+                **summary,
                 "refused": phase.refused[kind],
                 "approvals_per_s": phase.approvals / phase.wall_s if phase.wall_s else None,
+                # The bare commit measured right before, between and right after this phase's chunks.
+                "commit_p50_ms": commit["p50_ms"],
+                "commit_count": commit["count"],
+                "p50_x_commit": summary["p50_ms"] / commit["p50_ms"],
+                "p99_x_commit": summary["p99_ms"] / commit["p50_ms"],
+                # CPU of all chat servers per approval, against the bare nodes' CPU per commit.
+                "server_cpu_ms_per_approval": 1000.0 * phase.cpu_s / max(1, phase.approvals),
+                "commit_cpu_ms": commit["cpu_ms_per_commit"],
+                "cpu_x_commit": 1000.0 * phase.cpu_s / max(1, phase.approvals) / commit["cpu_ms_per_commit"],
             }
         )
     return rows
@@ -176,30 +202,103 @@ def log_step(text: str) -> None:
     print(f"  {text} ...", file=sys.stderr, flush=True)
 
 
-async def measure(cluster: Any, counts: dict[str, int], persistent: bool) -> list[dict[str, Any]]:
+class CommitProbe:
+    """The bare registry commit of the same size, measured in blocks between the chat phases (both clusters
+    run side by side), so that a phase is compared with commits taken seconds before and after it. Also the
+    CPU both sides use: the chat servers during each chunk, the bare nodes during each block (from /proc),
+    which a busy machine disturbs far less than latency."""
+
+    def __init__(self, nodes: Any, leader: str, per_block: int, chat_pids: list[int]) -> None:
+        self.nodes = nodes
+        self.leader = leader
+        self.per_block = per_block
+        self.chat_pids = chat_pids
+        self.node_pids = [int(proc.pid) for proc in nodes.procs.procs.values()]
+        self.blocks = 0
+        self.all_ms: list[float] = []
+        self.all_cpu_s = 0.0
+        self.last: tuple[list[float], float] = ([], 0.0)
+
+    async def block(self) -> tuple[list[float], float]:
+        """One block of commits: (latencies in ms, CPU seconds the bare nodes used)."""
+        self.blocks += 1
+        cpu0 = cpu_s(self.node_pids)
+        result = await asyncio.to_thread(
+            run_load, self.nodes, self.leader, self.per_block, 1, f"p{self.blocks}x", True
+        )
+        self.last = (list(result["ms"]), cpu_s(self.node_pids) - cpu0)
+        self.all_ms += self.last[0]
+        self.all_cpu_s += self.last[1]
+        return self.last
+
+    async def around(self, chunks: int, run: Callable[[int], Awaitable[Phase]]) -> tuple[Phase, dict[str, Any]]:
+        """`run(i)` for each chunk, a commit block after each; the phase merged (with the chat servers' CPU)
+        and the commits around it (the block before the first chunk included)."""
+        merged: Phase | None = None
+        ms, cpu = self.last if self.last[0] else await self.block()
+        commits, commit_cpu = list(ms), cpu
+        for i in range(chunks):
+            cpu0 = cpu_s(self.chat_pids)
+            phase = await run(i)
+            phase.cpu_s = cpu_s(self.chat_pids) - cpu0
+            merged = phase if merged is None else merged.merge(phase)
+            ms, cpu = await self.block()
+            commits += ms
+            commit_cpu += cpu
+        assert merged is not None
+        summary = latency_summary([m / 1000.0 for m in commits])
+        return merged, {**summary, "cpu_ms_per_commit": 1000.0 * commit_cpu / max(1, len(commits))}
+
+
+def cpu_s(pids: list[int]) -> float:
+    return sum(proc_cpu_s(pid) for pid in pids)
+
+
+async def measure(cluster: Any, counts: dict[str, int], persistent: bool, probe: CommitProbe) -> list[dict[str, Any]]:
     coordinator = cluster.wait_coordinator()
     other = next(s for s in cluster.ids if s != coordinator)
     leader = await wait_raft_leader(cluster, coordinator)
     keep: list[LineClient] = []
     rows: list[dict[str, Any]] = []
+    chunks = CHUNKS
+
+    def add(where: str, mode: str, measured: tuple[Phase, dict[str, Any]]) -> None:
+        rows.extend(rows_of(where, mode, *measured))
+
     try:
         for where, server_id in (("coordinator", coordinator), ("other", other)):
             address = cluster.client_address(server_id)
-            await sequential(address, WARMUP, f"w{where[0]}", keep)
+            tag = where[0]
+            await sequential(address, WARMUP, f"w{tag}", keep)
             log_step(f"{where} ({server_id}): login cycle x{counts['login']}")
-            rows += rows_of(where, "login cycle", await login_cycles(address, 1, counts["login"], f"s{where[0]}"))
-            if persistent:
-                log_step(f"{where} ({server_id}): sequential x{counts['sequential']}")
-                rows += rows_of(
-                    where, "sequential", await sequential(address, counts["sequential"], f"s{where[0]}", keep)
-                )
-                log_step(f"{where} ({server_id}): {CONCURRENT_CLIENTS} concurrent x{counts['rounds']}")
-                phase = await concurrent(address, CONCURRENT_CLIENTS, counts["rounds"], f"k{where[0]}", keep)
-                rows += rows_of(where, f"{CONCURRENT_CLIENTS} concurrent", phase)
-        address = cluster.client_address(other)
+            per_chunk = max(1, counts["login"] // chunks)
+
+            async def cycles(i: int, address: tuple[str, int] = address, tag: str = tag, n: int = per_chunk) -> Phase:
+                return await login_cycles(address, 1, n, f"s{tag}{i}x")
+
+            add(where, "login cycle", await probe.around(chunks, cycles))
+            if not persistent:
+                continue
+            log_step(f"{where} ({server_id}): sequential x{counts['sequential']}")
+            per_chunk = max(1, counts["sequential"] // chunks)
+
+            async def claims(i: int, address: tuple[str, int] = address, tag: str = tag, n: int = per_chunk) -> Phase:
+                return await sequential(address, n, f"s{tag}{i}x", keep)
+
+            add(where, "sequential", await probe.around(chunks, claims))
+            log_step(f"{where} ({server_id}): {CONCURRENT_CLIENTS} concurrent x{counts['rounds']}")
+
+            async def many(i: int, address: tuple[str, int] = address, tag: str = tag) -> Phase:
+                return await concurrent(address, CONCURRENT_CLIENTS, counts["rounds"], f"k{tag}", keep)
+
+            add(where, f"{CONCURRENT_CLIENTS} concurrent", await probe.around(1, many))
         log_step(f"other ({other}): login cycle, {CONCURRENT_CLIENTS} concurrent x{counts['cycles']}")
-        phase = await login_cycles(address, CONCURRENT_CLIENTS, counts["cycles"], "k")
-        rows += rows_of("other", f"login cycle, {CONCURRENT_CLIENTS} concurrent", phase)
+        other_address = cluster.client_address(other)
+
+        async def many_cycles(i: int) -> Phase:
+            return await login_cycles(other_address, CONCURRENT_CLIENTS, counts["cycles"], "k")
+
+        add("other", f"login cycle, {CONCURRENT_CLIENTS} concurrent", await probe.around(1, many_cycles))
     finally:
         await asyncio.gather(*(c.close() for c in keep), return_exceptions=True)
     for row in rows:
@@ -230,21 +329,16 @@ def raft_leader(cluster: Any, server_id: str) -> str | None:
 
 
 def measure_size(size: int, counts: dict[str, int], persistent: bool, env: dict[str, str]) -> dict[str, Any]:
-    """One cluster size: the bare commit, the chat cluster, the bare commit again (pooled)."""
-    log_step(f"{size} servers: bare registry commit")
-    before = commit_baseline(size, counts["commits"], "b")
-    print(f"starting a {size}-server cluster ...", file=sys.stderr, flush=True)
-    with bench_cluster(size, env, "bench-approval-") as cluster:
-        rows = asyncio.run(measure(cluster, counts, persistent))
-    log_step(f"{size} servers: bare registry commit again")
-    after = commit_baseline(size, counts["commits"], "a")
-    pooled = [ms / 1000.0 for ms in before.pop("ms") + after.pop("ms")]
-    commit = {**latency_summary(pooled), "before_p50_ms": before["p50_ms"], "after_p50_ms": after["p50_ms"]}
+    """One cluster size: the bare registry and the chat cluster side by side, measured in turns."""
+    print(f"starting {size} bare registry nodes and a {size}-server chat cluster ...", file=sys.stderr, flush=True)
+    with registry_cluster(size) as (nodes, leader, _), bench_cluster(size, env, "bench-approval-") as cluster:
+        run_load(nodes, leader, 50, 1, "warm")
+        probe = CommitProbe(nodes, leader, counts["commits"], [server_pid(cluster, s) for s in cluster.ids])
+        rows = asyncio.run(measure(cluster, counts, persistent, probe))
+    commit = latency_summary([ms / 1000.0 for ms in probe.all_ms])
+    commit["cpu_ms_per_commit"] = 1000.0 * probe.all_cpu_s / max(1, len(probe.all_ms))
     for row in rows:
         row["servers"] = size
-        row["commit_p50_ms"] = commit["p50_ms"]
-        row["p50_x_commit"] = row["p50_ms"] / commit["p50_ms"]
-        row["p99_x_commit"] = row["p99_ms"] / commit["p50_ms"]
     return {"servers": size, "commit": commit, "rows": rows}
 
 
@@ -306,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="connections per persistent concurrent client (default 12, quick 2)")
     parser.add_argument("--logins", type=int, help="sequential login cycles per server (default 400, quick 100)")
     parser.add_argument("--cycles", type=int, help="login cycles per concurrent client (default 12, quick 3)")
-    parser.add_argument("--commits", type=int, help="bare commits before and after (default 300, quick 100)")
+    parser.add_argument("--commits", type=int, help="bare commits per block between phases (default 100, quick 40)")
     parser.add_argument("--out", default=str(default_out("approval")), help="where to write the JSON results")
     args = parser.parse_args(argv)
     counts = {
@@ -314,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds or (2 if args.quick else 12),
         "login": args.logins or (100 if args.quick else 400),
         "cycles": args.cycles or (3 if args.quick else 12),
-        "commits": args.commits or (100 if args.quick else 300),
+        "commits": args.commits or (40 if args.quick else 100),
     }
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.persistent_size and args.persistent_size not in sizes:
@@ -330,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for result in per_size for row in result["rows"]]
 
     header = ("servers", "client on", "mode", "request", "n", "refused", "p50 ms", "p99 ms", "max ms",
-              "p50/commit", "p99/commit", "approvals/s")  # fmt: skip
+              "p50/commit", "p99/commit", "cpu/commit", "approvals/s")  # fmt: skip
     table = [
         (
             r["servers"],
@@ -344,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             r["max_ms"],
             f"{r['p50_x_commit']:.2f}x",
             f"{r['p99_x_commit']:.2f}x",
+            f"{r['cpu_x_commit']:.2f}x",
             "-" if r["approvals_per_s"] is None else f"{r['approvals_per_s']:.0f}",
         )
         for r in rows
@@ -353,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     for result in per_size:
         c = result["commit"]
         first = result["rows"][0]
-        print(f"{result['servers']} servers: bare commit p50 {c['p50_ms']:.2f} ms (before {c['before_p50_ms']:.2f}, "
-              f"after {c['after_p50_ms']:.2f}), p99 {c['p99_ms']:.2f} ms; coordinator {first['coordinator']}, "
+        print(f"{result['servers']} servers: bare commit p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms "
+              f"({c['count']} commits); coordinator {first['coordinator']}, "
               f"Raft leader {first['raft_leader']}")  # fmt: skip
     met = verdicts(rows, args.persistent_size)
     print("targets: " + ", ".join(f"{k} {'-' if v is None else 'MET' if v else 'NOT MET'}" for k, v in met.items()))

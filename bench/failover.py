@@ -25,6 +25,7 @@ stop: approved <= 1.2 s; both: rooms gone <= 1 s, no duplicate.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
 import statistics
@@ -52,6 +53,8 @@ FAILOVER_TIMEOUT_S = 20.0
 START_TIMEOUT_S = 60.0
 RAFT_FOLLOW_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.005
+# A kill round slower than this gets the survivors' log lines about it in its JSON row.
+SLOW_ROUND_S = 0.3
 REPLY_S = 5.0
 
 
@@ -112,6 +115,7 @@ def one_round(cluster: Cluster, clients: Clients, index: int, mode: str) -> dict
     victim = ids[-1]
     survivors = ids[:-1]
     cluster.wait_coordinator(victim, START_TIMEOUT_S)
+    wait_until(lambda: cluster.status(victim)["serving"], START_TIMEOUT_S, 0.05, f"{victim} serving")
     _raft_follows(cluster, victim)
     held = clients.login(victim, f"held{mode}{index}")
     room = f"room{mode}{index}"
@@ -150,6 +154,10 @@ def one_round(cluster: Cluster, clients: Clients, index: int, mode: str) -> dict
             problems.append(str(exc))
     cluster.wait_ready(victim, START_TIMEOUT_S)
     problems += clients.ledger.duplicates()
+    wall_end = time.time()
+    limit = SLOW_ROUND_S if mode == "kill" else TARGETS["stop"]["approved_max_s"]
+    slowest = max(took, timing.get("names_freed_s", FAILOVER_TIMEOUT_S), timing.get("rooms_gone_s", FAILOVER_TIMEOUT_S))
+    diagnosis = _diagnose(cluster, survivors, wall_end - (now() - t0), slowest) if slowest > limit else []
     for watcher in watchers:
         watcher.close()
     return {
@@ -162,7 +170,24 @@ def one_round(cluster: Cluster, clients: Clients, index: int, mode: str) -> dict
         "attempts": attempts,
         "load_avg_1m": round(load, 2),
         "problems": problems,
+        "diagnosis": diagnosis,
     }
+
+
+def _diagnose(cluster: Cluster, survivors: list[str], wall_t0: float, took: float) -> list[str]:
+    """The survivors' log lines about the failure, for a round slower than its target."""
+    keys = ["link to", "is down", "is up", "Raft term", "Raft leader", "coordinator is now", "declaring", "stalled"]
+    keys.append("again")
+    lines: list[tuple[float, str]] = []
+    for sid in survivors:
+        for line in cluster.log(sid).splitlines():
+            try:
+                at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                continue
+            if wall_t0 - 3.0 <= at <= wall_t0 + took + 0.1 and any(k in line for k in keys):
+                lines.append((at - wall_t0, f"{at - wall_t0:+.3f} {line[24:][:160]}"))
+    return [text for _, text in sorted(lines)]
 
 
 def _dropped(session: Session) -> bool:

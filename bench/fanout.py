@@ -400,7 +400,7 @@ class LoadGen:
         try:
             await self.wait(lambda: tracker.lines - base >= sent, DRAIN_TIMEOUT_S, "the backlog to drain")
         except (RuntimeError, TimeoutError) as exc:
-            self.problems.append(f"{exc or 'timed out waiting for the backlog to drain'}")
+            self.problems.append(str(exc) or "timed out waiting for the backlog to drain")
         await asyncio.sleep(0.1)
 
     async def run(self) -> dict[str, Any]:

@@ -80,14 +80,6 @@ def registry_cluster(size: int, journal: bool = True) -> Iterator[tuple[Registry
         yield nodes, leader, next(s for s in nodes.ids if s != leader)
 
 
-def commit_baseline(size: int, count: int, prefix: str = "b") -> dict[str, Any]:
-    """The floor of an approval: one writer at the Raft leader, `size` nodes, journal on (what
-    `bench.approval` divides its figures by, measured in the same run)."""
-    with registry_cluster(size) as (nodes, leader, _):
-        run_load(nodes, leader, 50, 1, f"{prefix}w")
-        return {"nodes": size, "from": "leader", "writers": 1, **run_load(nodes, leader, count, 1, prefix, True)}
-
-
 def bench_cluster(size: int, journal: bool, sequential: int, concurrent: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with registry_cluster(size, journal) as (nodes, leader, follower):

@@ -9,8 +9,9 @@ from the first heartbeat heard and is declared *down* (`PeerDown`) on one of two
 Certain: the caller reports that its connection to the peer ended (`connection_lost`: EOF or RST) and that
 a reconnect was then refused (`reconnect_refused`: nothing listens on the peer's port). The process is gone
 while its host is up: the peer is down at once (`PeerDown.certain`), with no timeout. A refused connect
-alone, without a lost connection before it, proves nothing (the peer may never have been reached), and a
-heartbeat heard after the loss cancels it.
+alone, without a lost connection before it, proves nothing (the peer may never have been reached); a
+successful reconnect (`connection_up`) or a new incarnation cancels the loss. A heartbeat of the same
+incarnation does not: it may have been sent before the death and read after it.
 
 Silence: a frozen (SIGSTOP) or cut-off peer closes nothing, so only a timeout tells. A peer is declared
 down once nothing has been heard from it for its *suspicion window*, which adapts to what is observed:
@@ -45,9 +46,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-# Evidence about a peer's process from the caller's transport: our connection to it ended ("lost"), or a
-# connection attempt was refused ("refused": nothing listens on its port).
-LinkEvent = Literal["lost", "refused"]
+# Evidence about a peer's process from the caller's transport: our connection to it ended ("lost"), a
+# connection attempt was refused ("refused": nothing listens on its port), or it is established ("up").
+LinkEvent = Literal["lost", "refused", "up"]
 
 # Heartbeat gaps remembered per peer for its suspicion window.
 GAP_HISTORY = 8
@@ -121,7 +122,8 @@ class FailureDetector:
         self._incarnation[peer] = incarnation
         self._last_heard[peer] = now
         self._credit.pop(peer, None)
-        self._lost.discard(peer)
+        if known is not None and incarnation > known:
+            self._lost.discard(peer)
         if peer not in self._up:
             self._up.add(peer)
             self._pending.append(PeerUp(peer, incarnation))
@@ -132,6 +134,10 @@ class FailureDetector:
         if peer in self._up:
             self._observe(now)
             self._lost.add(peer)
+
+    def connection_up(self, peer: str, now: float) -> None:
+        """Our connection to `peer` is (again) established: whatever was lost is not evidence any more."""
+        self._lost.discard(peer)
 
     def reconnect_refused(self, peer: str, now: float) -> None:
         """A connection attempt to `peer` was refused (nothing listens on its port)."""

@@ -157,11 +157,14 @@ class ElectionNode:
         return outputs
 
     def on_link_event(self, peer: str, event: LinkEvent, now: float) -> list[Output]:
-        """The shell's evidence: our connection to `peer` ended ("lost") or a reconnect was refused."""
+        """The shell's evidence: our connection to `peer` ended ("lost"), a reconnect was refused, or a
+        connection came up again (which cancels the evidence of a loss)."""
         if event == "lost":
             self.detector.connection_lost(peer, now)
-        else:
+        elif event == "refused":
             self.detector.reconnect_refused(peer, now)
+        else:
+            self.detector.connection_up(peer, now)
         return self._verdicts(now)
 
     def on_deadline(self, now: float, armed_for: float | None = None) -> list[Output]:

@@ -151,6 +151,8 @@ class ElectionRuntime:
     def _on_link_event(self, peer: str, event: LinkEvent) -> None:
         if not self._running or self._loop is None:
             return
+        if event != "up":
+            log.info("%s: link to %s %s", self.self_id, peer, event)
         self._apply(self.node.on_link_event(peer, event, self._loop.time()))
         self._rearm()
 

@@ -60,6 +60,8 @@ BACKOFF_MAX_S = 1.0
 # that accepts and immediately closes (wrong secret) is not hammered.
 STABLE_CONNECTION_S = 1.0
 MAX_QUEUE_AGE_S = 2.0
+# Immediate reconnect attempts after losing a connection, before the backoff resumes.
+QUICK_RETRIES_AFTER_LOSS = 3
 MAX_CLOCK_SKEW_S = 30.0
 MAX_BUFFERED_BYTES = 1 << 20
 MAX_HANDLERS_PER_CONNECTION = 1024
@@ -475,21 +477,32 @@ class TcpTransport:
 
     async def _run_link(self, link: _Link) -> None:
         backoff = BACKOFF_INITIAL_S
+        young_deaths = 0  # connections to the current peer process that died sooner than STABLE_CONNECTION_S
+        quick_retries = 0  # immediate reconnects left after a loss (not refused yet)
         while not self._closing:
             try:
                 channel = await self._connect(link)
             except (OSError, TimeoutError, AuthError, FrameError, LineTooLong, asyncio.IncompleteReadError) as exc:
                 link.unreachable = True
                 if isinstance(exc, ConnectionRefusedError) and not self._closing:
+                    young_deaths = 0  # that process is gone; the next one starts afresh
                     self._link_event(link.peer, "refused")
                 self._fail_queue(link, f"unreachable ({exc or type(exc).__name__})")
                 reason = str(exc) or type(exc).__name__
                 self.complain(f"connect:{link.peer}", f"cannot reach {link.peer}: {reason}", logging.INFO)
+                if quick_retries > 0 and not isinstance(exc, ConnectionRefusedError):
+                    # Just after a loss: a process being torn down can still complete a TCP handshake and then
+                    # reset it; the next attempt gets the refusal that proves it gone.
+                    quick_retries -= 1
+                    continue
+                quick_retries = 0
                 await self._backoff(link, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             link.channel = channel
             link.unreachable = False
+            quick_retries = 0
+            self._link_event(link.peer, "up")
             log.debug("%s connected to %s", self.self_id, link.peer)
             self._flush_queue(link, channel)
             started = time.monotonic()
@@ -503,12 +516,19 @@ class TcpTransport:
                 self._fail_requests(channel, f"connection to {link.peer} lost")
             if not self._closing:
                 self._link_event(link.peer, "lost")
-            # A connection that was stable is retried at once: a refusal then says the peer's process is gone.
-            if time.monotonic() - started < STABLE_CONNECTION_S:
+            # Reconnect at once after losing an authenticated connection: a refusal then says the peer's process
+            # is gone (the failure detector's certain evidence). Only a peer process whose connections keep
+            # dying young (twice in a row, with no refusal in between) gets the backoff.
+            if time.monotonic() - started >= STABLE_CONNECTION_S:
+                backoff = BACKOFF_INITIAL_S
+                young_deaths = 0
+            else:
+                young_deaths += 1
+            if young_deaths <= 1:
+                quick_retries = QUICK_RETRIES_AFTER_LOSS
+            else:
                 await self._backoff(link, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
-            else:
-                backoff = BACKOFF_INITIAL_S
 
     async def _backoff(self, link: _Link, delay: float) -> None:
         """Wait before reconnecting: jittered `delay`, cut short by `link.wake` (but never under the minimum)."""

@@ -51,28 +51,36 @@ class ClusterTimings:
     nomination_timeout_s: float = 1.2
     # A non-top server waits this long for the top survivor's announcement before electing.
     holdoff_s: float = 0.1
-    # A server that should lead but whose registry has no quorum yet re-checks this often.
-    lead_retry_s: float = 0.05
+    # A server that should lead but whose registry has no quorum yet re-checks this often (a cheap check;
+    # after a Raft leader's death the new leader is ready within milliseconds of the failure).
+    lead_retry_s: float = 0.02
     # -- Raft (registry/replicated.py, PySyncObj) -------------------------------------------------------
     # Leader heartbeat (append entries); Raft's election timeout must exceed three of them.
     raft_append_entries_period_s: float = 0.05
     # A follower that hears no leader for a random time in [min, max] starts an election. This is only the
     # fallback: when the failure detector declares the Raft leader down (at once on certain evidence, after
-    # T1 on silence) the top survivor starts a Raft election at once, alone. Raft's own timer is set above T1
-    # so that on a silent failure it does not race that election (two candidates in one term split the vote
-    # and cost another 0.5-1 s).
-    raft_min_timeout_s: float = 1.0
-    raft_max_timeout_s: float = 1.5
-    # A Raft connection that delivered nothing for this long is dropped (>= raft_max_timeout_s).
-    raft_connection_timeout_s: float = 2.0
+    # its adaptive silence window otherwise) the top survivor starts a Raft election at once, alone. Raft's
+    # own timer is set above the longest silence window so that it never races that election (two
+    # candidates in one term split the vote) and so that a machine starved for a few seconds, where the
+    # detector stretches its windows, does not churn through Raft elections either.
+    raft_min_timeout_s: float = 3.5
+    raft_max_timeout_s: float = 4.5
+    # After the Raft leader is declared down, the top survivor stands for Raft leader at once, the next one
+    # this much later if there is still no leader, and so on.
+    raft_election_stagger_s: float = 0.1
+    # A Raft connection that delivered nothing for this long is dropped (>= raft_max_timeout_s; idle
+    # connections carry a keep-alive, see registry/replicated.py).
+    raft_connection_timeout_s: float = 5.0
     # How soon a dropped or refused Raft connection is retried.
     raft_connection_retry_s: float = 0.5
     # A Raft leader that heard from no majority for this long steps down.
-    raft_leader_fallback_timeout_s: float = 2.0
+    raft_leader_fallback_timeout_s: float = 5.0
     # Longest sleep of PySyncObj's tick thread between events.
     raft_tick_period_s: float = 0.05
     # Least time between two attempts to hand Raft leadership to the coordinator.
     raft_hand_over_interval_s: float = 1.0
+    # A release (a client left) waits this long at most for another command to share its Raft log entry.
+    raft_release_defer_s: float = 0.005
     # -- client requests (node/coordinator.py, node/retry.py) ---------------------------------------------
     # How long a client request may wait for a coordinator and a commit before it is refused (in doubt).
     request_deadline_s: float = 4.0
@@ -90,6 +98,9 @@ class ClusterTimings:
     membership_interval_s: float = 0.1
     # A server's first seconds, a fresh majority and an incarnation never heard: no "server down" yet.
     startup_grace_s: float = 5.0
+    # A server whose new incarnation is registered but not heard yet (just restarted or fenced, its links
+    # connecting) is not declared down before this, counted from when it was first seen registered.
+    unheard_grace_s: float = 2.0
     # One attempt to commit this server's own "server up"/"server down" or a declaration.
     announce_timeout_s: float = 2.0
     # How often each server compares the registry with its live sessions.
@@ -137,10 +148,10 @@ class ClusterTimings:
             "raft_max_timeout_s",
         )
         self._need(
-            self.raft_min_timeout_s > self.suspect_after_s,
-            "raft_min_timeout_s > suspect_after_s",
+            self.raft_min_timeout_s > self.suspect_max_s,
+            "raft_min_timeout_s > suspect_max_s",
             "raft_min_timeout_s",
-            "suspect_after_s",
+            "suspect_max_s",
         )
         self._need(
             self.raft_connection_timeout_s >= self.raft_max_timeout_s,
@@ -153,6 +164,12 @@ class ClusterTimings:
             "raft_leader_fallback_timeout_s > raft_append_entries_period_s",
             "raft_leader_fallback_timeout_s",
             "raft_append_entries_period_s",
+        )
+        self._need(
+            self.raft_release_defer_s < self.commit_timeout_s,
+            "raft_release_defer_s < commit_timeout_s",
+            "raft_release_defer_s",
+            "commit_timeout_s",
         )
         self._need(
             self.commit_timeout_s < self.peer_request_timeout_s <= self.request_deadline_s,
@@ -168,14 +185,13 @@ class ClusterTimings:
             "no_coordinator_wait_s",
             "request_deadline_s",
         )
-        # A request must outlive a failover: detection, a Raft election and an election of the Fast Bully.
-        failover = self.suspect_after_s + self.raft_max_timeout_s + self.answer_timeout_s
+        # A request must outlive a failover: detection (at most the longest silence window) and an election
+        # of the Fast Bully (the Raft election the detector starts takes milliseconds).
         self._need(
-            self.request_deadline_s > failover,
-            "request_deadline_s > suspect_after_s + raft_max_timeout_s + answer_timeout_s",
+            self.request_deadline_s > self.suspect_max_s + self.answer_timeout_s,
+            "request_deadline_s > suspect_max_s + answer_timeout_s",
             "request_deadline_s",
-            "suspect_after_s",
-            "raft_max_timeout_s",
+            "suspect_max_s",
             "answer_timeout_s",
         )
         self._need(
@@ -195,6 +211,12 @@ class ClusterTimings:
             self.membership_interval_s < self.suspect_after_s,
             "membership_interval_s < suspect_after_s",
             "membership_interval_s",
+            "suspect_after_s",
+        )
+        self._need(
+            self.unheard_grace_s >= 2 * self.suspect_after_s,
+            "unheard_grace_s >= 2 * suspect_after_s",
+            "unheard_grace_s",
             "suspect_after_s",
         )
         self._need(

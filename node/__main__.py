@@ -23,6 +23,8 @@ from node.limits import Limits
 from node.websocket import ORIGINS_ENV
 
 SECRET_ENV = "CHATMESH_SECRET"
+# "coordinator" (default): Raft leadership follows the Fast Bully coordinator; "any": it stays where Raft put it.
+RAFT_LEADER_ENV = "CHATMESH_RAFT_LEADER"
 ADMIN_TOKEN_ENV = "CHATMESH_ADMIN_TOKEN"
 EVENT_LOOP_ENV = "CHATMESH_EVENT_LOOP"
 # asyncio's own loop, or uvloop's (pip install 'chatmesh[uvloop]'; docs/benchmarks.md has what it changes).
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         timings = ClusterTimings.from_sources(os.environ, args.timing)
         tls_options = tls.options_from(args, os.environ)
         run_loop = loop_runner(args.event_loop)
+        raft_leader = os.environ.get(RAFT_LEADER_ENV, "coordinator")
+        if raft_leader not in ("coordinator", "any"):
+            raise StartupError(f"{RAFT_LEADER_ENV}={raft_leader!r}: expected coordinator or any")
     except (ConfigError, StartupError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         timings=timings,
         tls=tls_options,
         ws_origins=os.environ.get(ORIGINS_ENV, ""),
+        raft_leader_follows_coordinator=raft_leader == "coordinator",
     )
     node = Node(config, args.id, options)
 

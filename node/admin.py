@@ -226,6 +226,7 @@ def status_json(snapshot: Snapshot) -> dict[str, Any]:
         "serving": snapshot.serving,
         "counters": counters_json(snapshot),
         "taken_at": snapshot.taken_at,
+        "loop": {"max_gap_s": snapshot.loop_max_gap_s, "stalls": snapshot.loop_stalls},
     }
 
 

@@ -20,6 +20,8 @@ from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import flask
+
 from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
 from bully.transport import TcpTransport, Transport
@@ -29,11 +31,11 @@ from cluster.timings import ClusterTimings
 from node.admin import Schemes, create_app
 from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService, Registry
 from node.limits import Limits
-from node.membership import MembershipPolicy, MembershipView
+from node.membership import DeclareDown, MembershipPolicy, MembershipView
 from node.reconcile import Reconciler
 from node.server import ChatServer
 from node.snapshot import SnapshotBuilder
-from node.stall import StallGuard
+from node.stall import LoopMonitor, StallGuard
 from node.status import EventLog, SnapshotBox
 from node.tls import TlsOptions, serve_admin_app
 from node.websocket import listener_for, ws_url
@@ -82,6 +84,7 @@ def raft_timings(t: ClusterTimings) -> RaftTimings:
         auto_tick_period_s=t.raft_tick_period_s,
         commit_timeout_s=t.commit_timeout_s,
         leader_hand_over_interval_s=t.raft_hand_over_interval_s,
+        release_defer_s=t.raft_release_defer_s,
     )
 
 
@@ -95,6 +98,9 @@ class NodeOptions:
     timings: ClusterTimings = field(default_factory=ClusterTimings)
     tls: TlsOptions = field(default_factory=TlsOptions)
     ws_origins: str = ""  # extra browser origins allowed on the WebSocket port (CHATMESH_WS_ORIGINS)
+    # Hand Raft leadership to the Fast Bully coordinator (one hop less per approval; docs/registry.md has
+    # the measurements behind this default). False leaves it wherever Raft elected it.
+    raft_leader_follows_coordinator: bool = True
 
 
 class NodeRegistry(Registry, Protocol):
@@ -107,7 +113,7 @@ class NodeRegistry(Registry, Protocol):
     def has_quorum(self) -> bool: ...
     def servers_up(self) -> dict[str, int]: ...
     def prefer_leader(self, server_id: str | None) -> None: ...
-    def leader_is_gone(self, server_id: str) -> None: ...
+    def leader_is_gone(self, server_id: str, after_s: float = 0.0) -> None: ...
     def status(self) -> RaftStatus: ...
     def counts(self) -> dict[str, int]: ...
     def applied_commands(self) -> int: ...
@@ -170,7 +176,7 @@ class Node:
             on_peer_up=self._on_peer_up,
             rng=self.rng,
         )
-        self.service = CoordinatorService(self.registry, self.election)
+        self.service = CoordinatorService(self.registry, self.election, commit_timeout_s=self.timings.commit_timeout_s)
         self.transport.on_request(REQUEST_KIND, self.service.handle)
         self.directory = ClusterDirectory(
             self.config,
@@ -197,8 +203,18 @@ class Node:
             self.chat, self.config, self.me, tls.websocket, tls.admin is not None, self.options.ws_origins
         )
         self.snapshots = SnapshotBox()
+        self._duties_started = False
+        self.loop_monitor = LoopMonitor(self.timings.stall_tick_s)
         self._snapshot_builder = SnapshotBuilder(
-            self.config, self.server_id, self.chat, self.registry, self.election, self.directory, self.events
+            self.config,
+            self.server_id,
+            self.chat,
+            self.registry,
+            self.election,
+            self.directory,
+            self.events,
+            self.loop_monitor,
+            self.stall_guard,
         )
 
     def request_stop(self) -> None:
@@ -211,6 +227,8 @@ class Node:
         self.loop = loop
         self.started_at = loop.time()
         log.info("%s timings: %s", self.server_id, self.timings.describe())
+        # First thing, so a blocking start-up shows in the largest loop gap too; cancelled at the end.
+        monitor = loop.create_task(self.loop_monitor.run(self._on_loop_tick))
         if self.listen:
             await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
 
@@ -234,14 +252,7 @@ class Node:
             self.publish_snapshot()
             starting = f"the admin listener ({me.host}:{me.admin_port})"
             if self.listen:
-                schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
-                app = create_app(
-                    self.snapshots,
-                    _AdminActions(self),
-                    self.options.admin_token,
-                    self.options.admin_loopback_only,
-                    schemes,
-                )
+                app = await asyncio.to_thread(self._admin_app)
                 admin_server = await serve_admin_app(app, self.me.host, self.me.admin_port, tls.admin)
             starting = None
             await self._serve()
@@ -265,13 +276,23 @@ class Node:
             with contextlib.suppress(Exception):
                 await self.transport.close()
             await asyncio.to_thread(self.registry.close)
-        log.info("%s stopped", self.server_id)
+            monitor.cancel()
+        log.info("%s stopped (largest loop gap %.3fs)", self.server_id, self.loop_monitor.max_gap_s)
         return status
+
+    def _admin_app(self) -> flask.Flask:
+        """Build the admin app (a worker thread: Flask's set-up does not belong on the loop)."""
+        options, tls = self.options, self.options.tls
+        schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
+        return create_app(
+            self.snapshots, _AdminActions(self), options.admin_token, options.admin_loopback_only, schemes
+        )
 
     async def _serve(self) -> None:
         """Run the background duties until a stop is requested, then stop cleanly."""
         try:
             async with asyncio.TaskGroup() as tasks:
+                self._duties_started = True
                 self._tasks = tasks
                 early, self._early = self._early, []
                 for coroutine in early:
@@ -280,7 +301,6 @@ class Node:
                 tasks.create_task(self._reconcile_loop())
                 tasks.create_task(self._membership_loop())
                 tasks.create_task(self._snapshot_loop())
-                tasks.create_task(self._stall_watchdog())
                 await self._stop.wait()
                 log.info("%s stopping", self.server_id)
                 await self._shutdown()
@@ -336,26 +356,30 @@ class Node:
         )
         self.directory.coordinator_changed()
         self._membership_wake.set()
-        self.registry.prefer_leader(coordinator)
+        if self.options.raft_leader_follows_coordinator:
+            self.registry.prefer_leader(coordinator)
         self.publish_snapshot()
 
     def _on_peer_down(self, peer: str, incarnation: int, certain: bool = False) -> None:
         log.info("%s: %s is down (%s)", self.server_id, peer, "gone" if certain else "silent")
         self.events.record(time.time(), f"{peer} is down")
         self._membership_wake.set()
-        # The top surviving voter replaces a dead Raft leader at once, without the random election timeout;
-        # the other voters wait for it (several candidates at once would split the vote). A read-only
-        # replica only forgets the dead leader (registry/replicated.py).
-        if self.registry.status().leader in (peer, None) and (
-            not self.config.is_voter(self.server_id) or self._top_surviving_voter()
-        ):
-            self.registry.leader_is_gone(peer)
+        # A dead Raft leader is replaced at once, without Raft's election timeout: the top surviving voter
+        # stands first, the next voter raft_election_stagger_s later if there is still no leader (the first
+        # one's log may be behind when commits were in flight), and so on; all at once would split the vote.
+        # A read-only replica cannot stand: it forgets the dead leader at once (registry/replicated.py).
+        if self.registry.status().leader in (peer, None):
+            rank = self._surviving_voter_rank()
+            self.registry.leader_is_gone(peer, 0.0 if rank is None else rank * self.timings.raft_election_stagger_s)
         self.publish_snapshot()
 
-    def _top_surviving_voter(self) -> bool:
+    def _surviving_voter_rank(self) -> int | None:
+        """0 for the highest-priority voter up (the Fast Bully order among the Raft voters), 1 for the next,
+        ...; None on a server that is not a voter."""
+        if not self.config.is_voter(self.server_id):
+            return None
         up = self.election.servers_up
-        voters = [v for v in self.config.voter_ids if v in up]  # highest priority first
-        return bool(voters) and voters[0] == self.server_id
+        return [v for v in self.config.voter_ids if v in up or v == self.server_id].index(self.server_id)
 
     def _on_peer_up(self, peer: str, incarnation: int) -> None:
         log.info("%s: %s is up (incarnation %d)", self.server_id, peer, incarnation)
@@ -404,10 +428,10 @@ class Node:
             self.stall_guard.reopen()
         await self._announce()
 
-    async def _stall_watchdog(self) -> None:
-        while True:
-            await asyncio.sleep(self.timings.stall_tick_s)
-            self.stall_guard.tick(self.loop.time())
+    def _on_loop_tick(self, now: float) -> None:
+        """The loop monitor's tick feeds the stall guard once the server serves its duties."""
+        if self._duties_started:
+            self.stall_guard.tick(now)
 
     def _on_stall(self, gap_s: float) -> None:
         log.warning("%s stalled for %.2fs: holding client input until the registry confirms it", self.server_id, gap_s)
@@ -433,12 +457,20 @@ class Node:
             return
 
     async def _undo(self, command: rs.Command) -> None:
-        if isinstance(command, rs.ClaimIdentity | rs.CompleteMove) and command.identity not in set(
-            self.chat.local_identities()
+        # Not while a request for the same name is in flight here (a client moving in with it): its outcome
+        # decides, and the reconciler releases whatever no session ends up holding.
+        if (
+            isinstance(command, rs.ClaimIdentity | rs.CompleteMove)
+            and command.identity not in set(self.chat.local_identities())
+            and command.identity not in self.directory.pending
         ):
             await self.directory.release_identity(Identity(command.identity))
         elif isinstance(command, rs.CreateRoom):
             await self.directory.delete_room(RoomId(command.room_id), Identity(command.owner))
+        elif isinstance(command, rs.DeleteRoom):
+            # The owner was told "false", yet the room is gone cluster-wide: keeping it here would let its
+            # members chat in a room another server may now create (a duplicate room).
+            self.chat.room_gone_from_registry(command.room_id)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run `coroutine` in the serving TaskGroup (cancelled and awaited at stop, never forgotten)."""
@@ -477,6 +509,7 @@ class Node:
             self.started_at,
             self.timings.startup_grace_s,
             redeclare_after_s=self.timings.announce_timeout_s,
+            unheard_grace_s=self.timings.unheard_grace_s,
         )
         while True:
             with contextlib.suppress(TimeoutError):
@@ -493,12 +526,15 @@ class Node:
             )
             for decision in policy.decide(view):
                 log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))
-                command = rs.ServerDown(self.directory.next_request_id(), decision.server, decision.incarnation)
-                self._spawn(self._declare_down(command))
+                self._spawn(self._declare_down(policy, decision))
 
-    async def _declare_down(self, command: rs.ServerDown) -> None:
-        with contextlib.suppress(RegistryUnavailable):
+    async def _declare_down(self, policy: MembershipPolicy, decision: DeclareDown) -> None:
+        command = rs.ServerDown(self.directory.next_request_id(), decision.server, decision.incarnation)
+        try:
             await self.registry.submit(command, self.timings.announce_timeout_s)
+        except RegistryUnavailable as exc:
+            log.info("%s: declaring %s down: %s; again at the next tick", self.server_id, decision.server, exc)
+            policy.declaration_failed(decision)
 
     async def _snapshot_loop(self) -> None:
         while True:

@@ -20,10 +20,13 @@ policy declares only when its own view can be trusted:
    silence happened to reach the window just after the heal (found by the cluster simulation).
 4. Only while its registry replica has a Raft quorum.
 5. Never itself, never a server it hears.
-6. An incarnation the detector has never heard (a server that has just announced itself) gets `grace_s`
-   from when the policy first saw it registered and unheard.
+6. An incarnation the detector has never heard (a server that has just announced itself, its links still
+   connecting) gets `unheard_grace_s` from when the policy first saw it registered and unheard. Every
+   server tracks this on every call, coordinator or not, so a new coordinator does not start the wait
+   over.
 7. One declaration per (server, incarnation) per `redeclare_after_s`: the caller submits it to the
-   registry, and a declaration still in flight is not repeated; one that did not commit is.
+   registry, and a declaration still in flight is not repeated; one that did not commit is, at the next
+   decision after the caller reports it failed (`declaration_failed`), or after `redeclare_after_s`.
 
 States: when the majority was last continuously heard since, the first time each unheard incarnation was
 seen, the last declaration of each (server, incarnation). All bounded by the configuration's size: entries
@@ -58,7 +61,13 @@ class MembershipView:
 
 class MembershipPolicy:
     def __init__(
-        self, self_id: str, cluster_size: int, started_at: float, grace_s: float, redeclare_after_s: float
+        self,
+        self_id: str,
+        cluster_size: int,
+        started_at: float,
+        grace_s: float,
+        redeclare_after_s: float,
+        unheard_grace_s: float | None = None,
     ) -> None:
         assert cluster_size >= 1 and grace_s >= 0 and redeclare_after_s > 0
         self.self_id = self_id
@@ -66,9 +75,14 @@ class MembershipPolicy:
         self.started_at = started_at
         self.grace_s = grace_s
         self.redeclare_after_s = redeclare_after_s
+        self.unheard_grace_s = grace_s if unheard_grace_s is None else unheard_grace_s
         self._majority_since: float | None = None
         self._unheard_since: dict[tuple[str, int], float] = {}
         self._declared_at: dict[tuple[str, int], float] = {}
+
+    def declaration_failed(self, decision: DeclareDown) -> None:
+        """The registry refused or lost `decision` (e.g. the Raft leader changed): decide it again."""
+        self._declared_at.pop((decision.server, decision.incarnation), None)
 
     def decide(self, view: MembershipView) -> list[DeclareDown]:
         """The servers to declare down now, in sorted order."""
@@ -81,6 +95,9 @@ class MembershipPolicy:
         registered = view.registered
         self._unheard_since = {k: t for k, t in self._unheard_since.items() if registered.get(k[0]) == k[1]}
         self._declared_at = {k: t for k, t in self._declared_at.items() if registered.get(k[0]) == k[1]}
+        for server, incarnation in registered.items():
+            if server != self.self_id and view.heard.get(server, -1) < incarnation:
+                self._unheard_since.setdefault((server, incarnation), now)
         if not view.is_coordinator or now - self.started_at < self.grace_s:
             return []
         if self._majority_since is None or now - self._majority_since < self.grace_s or not view.has_quorum:
@@ -91,10 +108,8 @@ class MembershipPolicy:
             if server == self.self_id or server in view.alive:
                 continue
             key = (server, incarnation)
-            if view.heard.get(server, -1) < incarnation:
-                first = self._unheard_since.setdefault(key, now)
-                if now - first < self.grace_s:
-                    continue
+            if view.heard.get(server, -1) < incarnation and now - self._unheard_since[key] < self.unheard_grace_s:
+                continue
             last = self._declared_at.get(key)
             if last is not None and now - last < self.redeclare_after_s:
                 continue

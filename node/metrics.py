@@ -67,6 +67,11 @@ class SnapshotCollector(Collector):
         for server in s.servers:
             coordinator.add_metric([server.server_id], int(server.server_id == s.coordinator))
         yield coordinator
+        yield _gauge(
+            "loop_max_gap_seconds",
+            "Longest the event loop was late to its watchdog tick since the process started",
+            s.loop_max_gap_s,
+        )
         for f in dataclasses.fields(RaftView):
             if "gauge" in f.metadata:
                 yield _gauge(f.metadata["gauge"], f.metadata["help"], float(getattr(s.raft, f.name)))

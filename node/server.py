@@ -127,7 +127,7 @@ class ChatSnapshot:
     counters: Mapping[str, int]  # read-only view of a private copy
 
 
-def _write_transport(writer: asyncio.StreamWriter) -> asyncio.WriteTransport:
+def write_transport(writer: asyncio.StreamWriter) -> asyncio.WriteTransport:
     """The writer's transport. uvloop's transports (CHATMESH_EVENT_LOOP=uvloop) are not subclasses of
     asyncio's classes but offer the same methods, which is all this module uses."""
     return cast(asyncio.WriteTransport, writer.transport)
@@ -298,6 +298,14 @@ class ChatServer:
         self._apply(effects)
         return DELETED
 
+    def room_gone_from_registry(self, room_id: str) -> None:
+        """The registry deleted `room_id` with no client told so: a deleteroom refused as in doubt that
+        committed after all. The registry is the truth, so the room goes here too, members to MainHall."""
+        result, effects = self.core.operator_delete_room(room_id, release=False)
+        if result == DELETED:
+            log.info("%s: room %s was deleted in the registry after a refused deleteroom", self.server_id, room_id)
+            self._apply(effects)
+
     @property
     def client_count(self) -> int:
         return self.core.client_count
@@ -362,7 +370,7 @@ class ChatServer:
     # -- connections ---------------------------------------------------------------------------------------
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport = _write_transport(writer)
+        transport = write_transport(writer)
         await self.serve_connection(transport, writer.get_extra_info("peername"), _line_source(reader, self.limits))
 
     async def serve_connection(self, transport: asyncio.WriteTransport, peer: object, source: LineSource) -> None:
@@ -710,6 +718,12 @@ class ChatServer:
             case _:
                 assert_never(request)
         log.debug("%s: %s -> %s in %.3fs", self.server_id, request, ok, self._loop.time() - started)
+        guard = self.stall_guard
+        if ok and guard is not None and not guard.check(self._loop.time()):
+            # Committed before a stall, answered after it: meanwhile the cluster may have declared this server
+            # down and given the name to someone else. Answer once the registry confirms this server is still
+            # live; a fenced server has disconnected the client by then instead.
+            await guard.wait_open()
         self._apply(self.core.resolve(request, ok))
         if isinstance(request, BeginMoveRequest) and ok and self.core.is_routed(request.conn):
             conn = self._conns.get(request.conn)

@@ -14,6 +14,7 @@ from bully.runtime import ElectionRuntime
 from cluster.config import ClusterConfig
 from node.coordinator import ClusterDirectory
 from node.server import ChatServer, ChatSnapshot
+from node.stall import LoopMonitor, StallGuard
 from node.status import (
     ROLE_COORDINATOR,
     ROLE_DOWN,
@@ -52,6 +53,8 @@ class SnapshotBuilder:
         election: ElectionRuntime,
         directory: ClusterDirectory,
         events: EventLog,
+        loop_monitor: LoopMonitor,
+        stall_guard: StallGuard,
     ) -> None:
         self.config = config
         self.server_id = server_id
@@ -60,6 +63,8 @@ class SnapshotBuilder:
         self.election = election
         self.directory = directory
         self.events = events
+        self.loop_monitor = loop_monitor
+        self.stall_guard = stall_guard
         self._lists_key: tuple[int, int] | None = None
 
     def build(self, serving: bool, previous: Snapshot | None = None) -> Snapshot:
@@ -130,6 +135,8 @@ class SnapshotBuilder:
             recent_events=self.events.freeze(),
             serving=serving,
             taken_at=time.time(),
+            loop_max_gap_s=self.loop_monitor.max_gap_s,
+            loop_stalls=self.stall_guard.stalls,
         )
 
     def _lists(self, chat: ChatSnapshot) -> tuple[tuple[RoomView, ...], tuple[ClientView, ...]]:

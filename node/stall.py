@@ -22,6 +22,25 @@ import asyncio
 from collections.abc import Callable
 
 
+class LoopMonitor:
+    """The largest lateness of the event loop since start: how long after its due time a `tick_s` timer
+    actually ran. Started first thing, so a blocking start-up shows too."""
+
+    def __init__(self, tick_s: float) -> None:
+        self.tick_s = tick_s
+        self.max_gap_s = 0.0
+
+    async def run(self, on_tick: Callable[[float], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.tick_s)
+            now = loop.time()
+            self.max_gap_s = max(self.max_gap_s, now - before - self.tick_s)
+            if on_tick is not None:
+                on_tick(now)
+
+
 class StallGuard:
     def __init__(self, threshold_s: float, on_stall: Callable[[float], None]) -> None:
         self.threshold_s = threshold_s

@@ -191,6 +191,10 @@ class Snapshot:
     recent_events: tuple[Event, ...] = ()  # oldest first
     serving: bool = False
     taken_at: float = 0.0  # wall time (seconds since the epoch) the loop built this snapshot
+    # The longest the event loop was late to its watchdog tick since the process started (a blocking call
+    # on the loop, or the process not being scheduled), and how many stalls closed client input.
+    loop_max_gap_s: float = 0.0
+    loop_stalls: int = 0
 
     @property
     def local_rooms(self) -> tuple[RoomView, ...]:

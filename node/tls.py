@@ -158,9 +158,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 async def serve_admin_app(app: Flask, host: str, port: int, tls: ssl.SSLContext | None) -> AdminListeners:
     """Serve the admin app on `host:port`: waitress alone, or with `tls` waitress on a private loopback
     port behind `AdminTlsProxy` (and `RealPeer`, so the app sees the real clients)."""
-    if tls is None:
-        return AdminListeners(serve_admin(app, host, port), None)
-    server = serve_admin(app, "127.0.0.1", 0)
+    if tls is None:  # binding runs on a worker thread: nothing blocking on the loop
+        return AdminListeners(await asyncio.to_thread(serve_admin, app, host, port), None)
+    server = await asyncio.to_thread(serve_admin, app, "127.0.0.1", 0)
     proxy = AdminTlsProxy(host, port, server.port, tls)
     app.wsgi_app = RealPeer(app.wsgi_app, proxy.peers)  # type: ignore[method-assign]
     try:
@@ -179,7 +179,7 @@ class AdminListeners:
     async def close(self) -> None:
         if self.proxy is not None:
             await self.proxy.close()
-        self.server.close()
+        await asyncio.to_thread(self.server.close)
 
 
 class RealPeer:

@@ -41,7 +41,7 @@ from websockets.typing import Origin
 
 from cluster.config import ClusterConfig, ServerConfig
 from cluster.framing import FrameError, decode_object, encode
-from node.server import READ_CHUNK_BYTES, ChatServer, LineSource
+from node.server import READ_CHUNK_BYTES, ChatServer, LineSource, write_transport
 
 log = logging.getLogger("chatmesh.websocket")
 
@@ -260,8 +260,7 @@ class WebSocketListener:
                 await asyncio.wait_for(self._server.wait_closed(), HANDSHAKE_TIMEOUT_S)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raw = writer.transport
-        assert isinstance(raw, asyncio.WriteTransport)
+        raw = write_transport(writer)
         if self._handshaking >= MAX_HANDSHAKES:
             raw.abort()
             return

@@ -63,6 +63,26 @@ class CommitBridge:
             weakref.WeakKeyDictionary()
         )
         self.in_flight = 0
+        # Commands whose callback has not come, with the leader generation they were submitted in.
+        self._pending: dict[asyncio.Future[Result], int] = {}
+        self._generation = 0
+        self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+    def leader_changed(self) -> None:
+        """The Raft leader this replica followed is gone (thread-safe). A command a follower forwarded to it
+        and that has no answer yet is lost with it (PySyncObj never answers it), so each one still waiting is
+        failed now with "leader-changed" instead of at its timeout: the caller retries at once with the same
+        request id. It may still have committed, as after any RegistryUnavailable."""
+        self._generation += 1
+        generation = self._generation
+        for loop in list(self._loops):
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(self._fail_before, generation)
+
+    def _fail_before(self, generation: int) -> None:
+        for future, submitted in list(self._pending.items()):
+            if submitted < generation and not future.done():
+                future.set_exception(RegistryUnavailable("leader-changed"))
 
     def _semaphore(self, loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
         semaphore = self._semaphores.get(loop)
@@ -85,11 +105,14 @@ class CommitBridge:
                             loop.call_soon_threadsafe(_settle, future, result, error)
 
                     self.in_flight += 1
+                    self._loops.add(loop)
+                    self._pending[future] = self._generation
                     try:
                         send(on_commit)
                         return await future
                     finally:
                         self.in_flight -= 1
+                        self._pending.pop(future, None)
         except TimeoutError:
             raise RegistryUnavailable("timeout") from None
 

@@ -152,7 +152,7 @@ class RaftTimings:
     # A release (ReleaseIdentity: a client left) waits up to this long for another command to share its log
     # entry: a user who quits and the next who logs in then cost one commit, not two. Only a quit's close
     # and a re-login of the same name wait on a release, and no longer than this.
-    release_defer_s: float = 0.005
+    release_defer_s: float = _DEFAULTS.raft_release_defer_s
     # Least time between two attempts to hand leadership to the preferred server (the coordinator).
     leader_hand_over_interval_s: float = _DEFAULTS.raft_hand_over_interval_s
     # How long close() waits for PySyncObj's thread to stop.
@@ -383,7 +383,7 @@ class ReplicatedRegistry:
         self._last_hand_over = 0.0
         self._sync: _SyncObj | None = None
         # A Raft leader (node id) known dead: the tick thread starts an election if it still follows it.
-        self._elect_against: str | None = None
+        self._elect_against: tuple[str, float] | None = None  # (raft address, not before this monotonic time)
         self.fast_elections = 0
         self._last_keepalive = 0.0
         # Raft terms this replica moved through (each is an election somewhere) and the last (term, leader).
@@ -730,6 +730,9 @@ class ReplicatedRegistry:
         if (term, leader_id) != self._last_term_leader:
             if term != self._last_term_leader[0]:
                 self.raft_terms_seen += 1
+            previous_leader = self._last_term_leader[1]
+            if previous_leader is not None and previous_leader != leader_id:
+                self._bridge.leader_changed()
             self._last_term_leader = (term, leader_id)
             log.info(
                 "%s: Raft term %d, leader %s%s",
@@ -742,14 +745,16 @@ class ReplicatedRegistry:
         if now - self._last_keepalive >= self.timings.connection_timeout_s / 4:
             self._last_keepalive = now
             sync.keep_alive()
-        against, self._elect_against = self._elect_against, None
-        if against is not None and not sample.is_leader:
+        pending = self._elect_against
+        if pending is not None and now >= pending[1]:
+            self._elect_against = None
+            against = pending[0]
             leader = sample.leader
             if not self.voter:
                 if leader is not None and leader.id == against:
                     log.info("%s: Raft leader %s is gone: waiting for the next one", self.server_id, against)
                     sync.forget_leader()
-            elif leader is None or leader.id == against:
+            elif not sample.is_leader and (leader is None or leader.id == against):
                 log.info("%s: Raft leader %s is gone: starting a Raft election now", self.server_id, against)
                 self.fast_elections += 1
                 sync.elect_now()
@@ -758,15 +763,17 @@ class ReplicatedRegistry:
         if preferred is not None and sample.is_leader:
             self._hand_over(sync, preferred)
 
-    def leader_is_gone(self, server_id: str) -> None:
+    def leader_is_gone(self, server_id: str, after_s: float = 0.0) -> None:
         """`server_id` was declared down: if this replica still follows it as Raft leader (or knows no
-        leader), start a Raft election at once instead of waiting out the election timeout; a read-only
-        replica (it cannot stand) forgets that leader instead, so its commands wait for the next one rather
-        than go to the dead one (thread-safe)."""
+        leader) `after_s` from now, start a Raft election then instead of waiting out the election timeout
+        (thread-safe). Survivors call it with staggered delays: the first candidate may not win (its log
+        can be behind another survivor's when commits were in flight), and the next one then tries. A
+        read-only replica (it cannot stand) forgets that leader instead, so its commands wait for the next
+        one rather than go to the dead one."""
         sync = self._sync
         if sync is None or self._closed or server_id not in self.config:
             return
-        self._elect_against = self.config.server(server_id).raft_address
+        self._elect_against = (self.config.server(server_id).raft_address, time.monotonic() + after_s)
         sync.wake()
 
     def prefer_leader(self, server_id: str | None) -> None:

@@ -1,6 +1,7 @@
 """Seeded chaos: clients keep working while servers are killed, frozen and restarted at random.
 
     python -m tests.chaos --seed 7 --minutes 2 [--servers 5] [--clients 10] [--json out.json] [--keep]
+    ip netns exec <hub> python -m tests.chaos --lab lab.json ...   (partitions too: tests/fault/netlab.py)
 
 Theory of operation
 -------------------
@@ -8,8 +9,12 @@ A real cluster of `--servers` processes on loopback (tests.support.Cluster). `--
 own one client at a time and loop: log in (names drawn from a small shared pool, so they collide), then
 chat, `who`, `list`, create a room (a small pool too), join rooms (following `route` to other servers with
 `movejoin`), delete their room, and sometimes quit. A fault thread injects, every few seconds: SIGKILL of a
-server (the coordinator half the time), a restart of a killed server from its data directory, or SIGSTOP
-for 0.3-3 s then SIGCONT. It never takes down more than a minority, so the cluster can always make progress.
+server (the coordinator half the time), a restart of a killed server from its data directory, SIGSTOP
+for 0.3-3 s then SIGCONT, or, when run inside a network-namespace lab (`--lab`), a partition that cuts a
+minority (the coordinator's side half the time) off for 0.5-3 s and heals. It never takes down or cuts off
+more than a minority, so the cluster can always make progress. A cut-off server is, for the ledger, like a
+frozen one: until it learns after the heal that the majority declared it down, it serves its old sessions
+under names the majority may have given away (a bounded zombie window, see tests/fault/invariants.py).
 
 Every approval any client receives goes into one `tests.fault.invariants.Ledger`. At the end the faults
 stop, every server is brought back, the workers stop where they are (their sessions stay open), and the
@@ -48,6 +53,7 @@ from tests.fault.invariants import (
     move,
     now,
 )
+from tests.fault.netlab import LabSpec, lab_cluster
 from tests.support import Cluster
 
 # Pools small enough that clients contend for the same names all the time.
@@ -57,6 +63,7 @@ ROOM_POOL_PER_CLIENT = 1
 CLIENT_PAUSE_S = (0.01, 0.08)
 FAULT_PAUSE_S = (1.5, 4.0)
 STOP_DURATION_S = (0.3, 3.0)
+PARTITION_DURATION_S = (0.5, 3.0)
 # Bounds on bringing servers back and on the final settling.
 START_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 40.0
@@ -77,6 +84,7 @@ class Chaos:
         self.errors: list[str] = []
         self.down: set[str] = set()  # killed, not restarted yet
         self.frozen: set[str] = set()
+        self.lab = getattr(cluster, "lab", None)  # a tests.fault.netlab.NetLab when run with --lab
         self.lock = threading.Lock()
         self.t0 = now()
         by_address = {cluster.client_address(sid): sid for sid in cluster.ids}
@@ -190,6 +198,8 @@ class Chaos:
             choices += ["restart"] * 3
         if can_take:
             choices += ["kill"] * 3 + ["stop"] * 2
+        if self.lab is not None and not self.down and not self.frozen:
+            choices += ["partition"] * 2
         if not choices:
             return
         action = rng.choice(choices)
@@ -201,6 +211,9 @@ class Chaos:
                 self.down.discard(sid)
             return
         coordinator = self.coordinator()
+        if action == "partition":
+            self.partition(rng, running, coordinator)
+            return
         target = coordinator if coordinator in running and rng.random() < 0.5 else rng.choice(running)
         label = " (coordinator)" if target == coordinator else ""
         if action == "kill":
@@ -222,6 +235,30 @@ class Chaos:
             with self.lock:
                 self.frozen.discard(target)
             self.log_fault(f"SIGCONT {target}")
+
+    def partition(self, rng: random.Random, running: list[str], coordinator: str | None) -> None:
+        """Cut a minority (with the coordinator half the time) off from the rest, then heal."""
+        assert self.lab is not None
+        size = rng.randint(1, len(self.cluster.ids) - self.majority())
+        pool = sorted(running)
+        first = coordinator if coordinator in pool and rng.random() < 0.5 else rng.choice(pool)
+        minority = sorted({first, *rng.sample([s for s in pool if s != first], size - 1)})
+        majority = [s for s in self.cluster.ids if s not in minority]
+        duration = rng.uniform(*PARTITION_DURATION_S)
+        label = " (coordinator's side)" if coordinator in minority else ""
+        self.log_fault(f"partition {majority} | {minority}{label} for {duration:.2f}s")
+        with self.lock:
+            self.frozen.update(minority)
+        cut_at = now()
+        self.lab.partition(majority, minority)
+        time.sleep(duration)
+        self.lab.heal()
+        healed_at = now()
+        for sid in minority:
+            self.clients.ledger.server_frozen(sid, cut_at, healed_at)
+        with self.lock:
+            self.frozen.difference_update(minority)
+        self.log_fault("healed")
 
     # -- the run --------------------------------------------------------------------------------------
 
@@ -262,10 +299,11 @@ class Chaos:
             "servers": len(self.cluster.ids),
             "clients": self.n_clients,
             "seconds": round(seconds, 1),
-            "faults": len([f for f in self.faults if "SIG" in f or "restart" in f]),
+            "faults": len([f for f in self.faults if "SIG" in f or "restart" in f or "] partition " in f]),
             "kills": sum("SIGKILL" in f for f in self.faults),
             "stops": sum("SIGSTOP" in f for f in self.faults),
             "restarts": sum(" restart " in f for f in self.faults),
+            "partitions": sum("] partition " in f for f in self.faults),
             "operations": dict(sorted(self.ops.items())),
             "approved": dict(ledger.approvals),
             "refused": dict(ledger.refusals),
@@ -286,13 +324,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--json", help="also write the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, data)")
+    parser.add_argument("--lab", help="a partition lab's LabSpec (JSON file): run inside its hub namespace")
     args = parser.parse_args(argv)
     if args.servers < 3 or args.clients < 1 or args.minutes <= 0:
         parser.error("need --servers >= 3, --clients >= 1, --minutes > 0")
 
     root = Path(tempfile.mkdtemp(prefix=f"chatmesh-chaos-{args.seed}-"))
     print(f"chaos seed {args.seed}: {args.servers} servers, {args.clients} clients, {args.minutes} min, in {root}")
-    cluster = Cluster(root, args.servers)
+    if args.lab:
+        spec = LabSpec.from_json(Path(args.lab).read_text())
+        if len(spec.servers) != args.servers:
+            parser.error(f"the lab has {len(spec.servers)} servers, not --servers {args.servers}")
+        cluster = lab_cluster(root, spec)
+    else:
+        cluster = Cluster(root, args.servers)
     started = now()
     summary: dict[str, Any]
     chaos = None

@@ -161,14 +161,36 @@ def test_a_refused_connect_without_a_lost_connection_proves_nothing() -> None:
     assert fd.check(0.01) == [] and fd.up() == {"s2"}
 
 
-def test_a_heartbeat_after_the_lost_connection_cancels_the_evidence() -> None:
+def test_a_reconnect_after_the_lost_connection_cancels_the_evidence() -> None:
     fd = detector()
     fd.heard("s2", 3, 0.0)
     fd.check(0.0)
     fd.connection_lost("s2", 0.05)
-    fd.heard("s2", 3, 0.1)
+    fd.connection_up("s2", 0.06)
     fd.reconnect_refused("s2", 0.11)
     assert fd.check(0.11) == [] and fd.up() == {"s2"}
+
+
+def test_a_heartbeat_read_after_the_loss_does_not_cancel_it() -> None:
+    # Sent before the death, read after it: the other connection's buffer still held it.
+    fd = detector()
+    fd.heard("s2", 3, 0.0)
+    fd.check(0.0)
+    fd.connection_lost("s2", 0.05)
+    fd.heard("s2", 3, 0.051)
+    fd.reconnect_refused("s2", 0.052)
+    assert fd.check(0.052) == [PeerDown("s2", 3, certain=True)]
+
+
+def test_a_new_incarnation_cancels_the_loss_of_the_old_one() -> None:
+    fd = detector()
+    fd.heard("s2", 3, 0.0)
+    fd.check(0.0)
+    fd.connection_lost("s2", 0.05)
+    fd.heard("s2", 4, 0.06)
+    fd.check(0.06)
+    fd.reconnect_refused("s2", 0.07)
+    assert fd.check(0.07) == [] and fd.up() == {"s2"}
 
 
 def test_a_peer_never_heard_is_not_declared_on_evidence() -> None:

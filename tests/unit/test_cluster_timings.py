@@ -22,11 +22,12 @@ def test_the_defaults_satisfy_every_relation() -> None:
         ({"nomination_timeout_s": 0.85}, "nomination_timeout_s=0.85, answer_timeout_s=0.3, max_nominees=2"),
         ({"raft_min_timeout_s": 0.1}, "3 * raft_append_entries_period_s < raft_min_timeout_s"),
         ({"commit_timeout_s": 3.0}, "commit_timeout_s=3.0"),
-        ({"request_deadline_s": 2.0}, "request_deadline_s > suspect_after_s + raft_max_timeout_s"),
+        ({"request_deadline_s": 3.2, "peer_request_timeout_s": 1.6}, "request_deadline_s > suspect_max_s + answer"),
         ({"stall_threshold_s": 0.7}, "stall_threshold_s=0.7, heartbeat_interval_s=0.1, suspect_after_s=0.75"),
         ({"startup_grace_s": 1.0}, "startup_grace_s >= 2 * suspect_after_s"),
-        ({"suspect_after_s": 1.2, "stall_threshold_s": 0.5}, "raft_min_timeout_s > suspect_after_s"),
+        ({"suspect_max_s": 4.0}, "raft_min_timeout_s > suspect_max_s"),
         ({"holdoff_s": 0.0}, "holdoff_s must be a positive number"),
+        ({"raft_release_defer_s": 1.5}, "raft_release_defer_s < commit_timeout_s"),
     ],
 )
 def test_a_broken_relation_is_refused_naming_the_values(changes: dict[str, float], named: str) -> None:

@@ -103,6 +103,15 @@ def test_an_incarnation_never_heard_gets_the_grace_from_when_it_was_first_seen()
     assert p.decide(view(now + GRACE, ALL - {"s5"}, registered=registered)) == [DeclareDown("s5", 51)]
 
 
+def test_the_unheard_grace_is_settable_and_counts_from_before_this_server_coordinated() -> None:
+    p = MembershipPolicy("s1", 5, started_at=0.0, grace_s=GRACE, redeclare_after_s=REDECLARE, unheard_grace_s=2.0)
+    now = settled(p)
+    registered = dict(REGISTERED, s5=51)
+    assert p.decide(view(now, ALL - {"s5"}, coordinator=False, registered=registered)) == []
+    assert p.decide(view(now + 1.99, ALL - {"s5"}, registered=registered)) == []
+    assert p.decide(view(now + 2.0, ALL - {"s5"}, registered=registered)) == [DeclareDown("s5", 51)]
+
+
 def test_an_incarnation_heard_before_is_declared_without_grace() -> None:
     p = policy()
     now = settled(p)
@@ -135,6 +144,14 @@ def test_memory_is_dropped_for_incarnations_no_longer_registered() -> None:
     p.decide(view(now + 1.0, ALL - {"s5"}, registered=gone))
     # Announced again with the same incarnation: the grace starts over.
     assert p.decide(view(now + GRACE, ALL - {"s5"}, registered=registered)) == []
+
+
+def test_a_declaration_the_registry_lost_is_decided_again_at_once() -> None:
+    p = policy()
+    now = settled(p)
+    (decision,) = p.decide(view(now, ALL - {"s5"}))
+    p.declaration_failed(decision)
+    assert p.decide(view(now + 0.01, ALL - {"s5"})) == [decision]
 
 
 def test_a_short_cut_off_is_a_break_although_the_detector_still_says_alive() -> None:

@@ -112,10 +112,16 @@ class SimLoop(asyncio.BaseEventLoop):
 class Scheduler:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self.loops: dict[str, SimLoop] = {}
+        self._loops: list[SimLoop] = []  # in server-id order: ties between loops go to the first
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self.steps = 0
+
+    def add_loop(self, loop: SimLoop) -> None:
+        self._loops = sorted([*self._loops, loop], key=lambda lp: lp.name)
+
+    def remove_loop(self, loop: SimLoop) -> None:
+        self._loops = [lp for lp in self._loops if lp is not loop]
 
     def at(self, when: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._events, (max(when, self.clock.now), next(self._seq), action))
@@ -127,8 +133,7 @@ class Scheduler:
         while True:
             at = self._events[0][0] if self._events else INF
             loop: SimLoop | None = None
-            for name in sorted(self.loops):
-                candidate = self.loops[name]
+            for candidate in self._loops:
                 if candidate.paused:
                     continue
                 when = candidate.next_at()

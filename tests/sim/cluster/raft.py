@@ -4,9 +4,11 @@ What it keeps of Raft (and what the node layer depends on):
 - One log. A leader appends; an entry is committed once a majority of servers hold it, which needs the
   leader to reach a majority. Every replica applies committed entries in log order to its own
   `RegistryState` and tells its listeners (the node's `_on_applied`), on its own loop.
-- Leadership changes: when the leader dies, freezes or loses its majority, a new leader is chosen among
-  the servers that can reach a majority, after an election timeout; it keeps the entries it holds and
-  drops the uncommitted ones it does not (so an entry the old leader had may vanish, or commit later).
+- Leadership changes: when the leader dies, freezes or loses its majority, it stays leader (nothing
+  commits) until the followers' election timeout (`ClusterTimings.raft_min/max_timeout_s`), or until the
+  node layer declares it down (`leader_is_gone`); then a new leader is chosen among the servers that can
+  reach a majority; it keeps the entries it holds and drops the uncommitted ones it does not (so an entry
+  the old leader had may vanish, or commit later).
   `prefer_leader` (the coordinator asks to lead Raft) hands leadership over to a caught-up server.
 - A submitted command waits for a leader (PySyncObj's commandsWaitLeader), however long: a command whose
   submitter gave up (`RegistryUnavailable` after its timeout) may still commit later. A dead life's queued
@@ -69,6 +71,7 @@ class RaftModel:
     registries: dict[str, SimRegistry] = field(default_factory=dict)
     preferred: dict[str, str | None] = field(default_factory=dict)
     leader_changes: int = 0
+    leader_lost_at: float | None = None  # when the leader stopped reaching a majority
     on_commit: Callable[[Entry, rs.Result], None] | None = None
     committed: rs.RegistryState = field(default_factory=rs.RegistryState)  # the log's committed prefix
 
@@ -119,11 +122,17 @@ class RaftModel:
 
     def _elect(self, now: float) -> None:
         if self.leader is not None and self.has_majority(self.leader):
+            self.leader_lost_at = None
             return
         if self.leader is not None:
+            # Cut off, frozen or dead: it stays leader (nothing commits) until the followers' election
+            # timeout, unless the node layer declares it down first (`SimRegistry.leader_is_gone`).
+            if self.leader_lost_at is None:
+                self.leader_lost_at = now
+                self.leaderless_until = now + self.rng.uniform(*self.election_timeout_s)
+            if now < self.leaderless_until:
+                return
             self.leader = None
-            self.leaderless_until = now + self.rng.uniform(*self.election_timeout_s)
-            return
         if now < self.leaderless_until:
             return
         # Raft's election restriction: only a server holding every committed entry can win.
@@ -150,6 +159,7 @@ class RaftModel:
                 replica.held = min(replica.held, held)
         self.term += 1
         self.leader = leader
+        self.leader_lost_at = None
         self.leader_changes += 1
 
 
@@ -260,12 +270,15 @@ class SimRegistry:
     def prefer_leader(self, server_id: str | None) -> None:
         self.model.preferred[self.server_id] = server_id
 
-    def leader_is_gone(self, server_id: str) -> None:
-        """The node knows the Raft leader's process is dead: a Raft election starts at once."""
+    def leader_is_gone(self, server_id: str, after_s: float = 0.0) -> None:
+        """`server_id` was declared down: a Raft election starts at once (the model elects its one leader
+        without a vote split, so the survivors' stagger `after_s` does not apply)."""
         model = self.model
-        if model.leader == server_id and not model.live(server_id):
+        # As ReplicatedRegistry: when it still leads, or no leader is known yet (the model drops a frozen or
+        # cut-off leader at once and would otherwise wait out the whole election timeout).
+        if model.leader in (server_id, None) and not model.reachable(self.server_id, server_id):
             model.leader = None
-            model.leaderless_until = 0.0
+            model.leaderless_until = min(model.leaderless_until, self.loop.time())
 
     # -- status ---------------------------------------------------------------------------------------------
 

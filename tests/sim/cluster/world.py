@@ -19,6 +19,7 @@ Invariants, after every step:
   up, and no room is hosted by two such servers;
 - every client request gets one answer (a typed reply nobody asked for fails at once), within
   `ANSWER_BOUND_S` of time the server was not frozen; a login is never closed unanswered;
+- no committed ReleaseIdentity frees a name that a session of that same server life still holds;
 - no committed "server down" names a server life that was alive, unfrozen and on a majority side for the
   whole last `HEALTHY_S` (a healthy server is never fenced);
 - each ChatCore's own invariants hold; no production callback or task raises.
@@ -187,14 +188,14 @@ class World:
         )
         server = SimServer(sid, self.lives[sid], loop, node, registry, transport)
         self.servers[sid] = server
-        self.scheduler.loops[sid] = loop
+        self.scheduler.add_loop(loop)
         loop.create_task(node.run())
         self._topology_changed(f"boot {sid} life {server.life} incarnation {node.incarnation}")
 
     def crash(self, sid: str) -> None:
         server = self.servers[sid]
         server.alive = False
-        del self.scheduler.loops[sid]
+        self.scheduler.remove_loop(server.loop)
         self.network.detach(server.transport)
         server.registry.end_of_life()
         server.loop.discard()
@@ -337,6 +338,8 @@ class World:
     def _on_commit(self, entry: Entry, result: rs.Result) -> None:
         command = entry.command
         self.log(f"commit {describe(command)} from {entry.submitter} -> {'ok' if result.ok else result.reason}")
+        if isinstance(command, rs.ReleaseIdentity) and result.ok:
+            self._check_release(command)
         if isinstance(command, rs.ServerDown) and result.ok:
             server = self.servers.get(command.server)
             since = self.healthy_since.get(command.server)
@@ -351,6 +354,16 @@ class World:
                     f"{command.server} (incarnation {command.incarnation}) was declared down although it has been "
                     f"up and on a majority side for {self.clock.now - since:.2f}s"
                 )
+
+    def _check_release(self, command: rs.ReleaseIdentity) -> None:
+        """A release that commits must not free a name a session of that same server life still holds:
+        the session's claim came earlier in the log, so the registry would lose it under a live session.
+        (A room is different: `deleteroom` deletes it from the registry first, then from the server.)"""
+        server = self.servers.get(command.server)
+        if server is None or not server.alive or server.node.incarnation != command.incarnation:
+            return
+        if any(c.identity == command.identity for c in server.node.chat.core.snapshot().clients):
+            self.fail(f"{command.server} released {command.identity} while a session of it holds that name")
 
     def _check_settled(self) -> None:
         live = self.servers_alive()
