@@ -367,9 +367,11 @@ class ChatServer:
         conn: _Conn | None = None
         try:
             conn = self._accept(transport, peer)
-            if conn is not None and isinstance(source, asyncio.StreamReader):
+            if conn is None:
+                return
+            if isinstance(source, asyncio.StreamReader):
                 await self._read_stream(conn, source)
-            elif conn is not None:
+            else:
                 await self._read_loop(conn, source)
         except asyncio.CancelledError:
             # Only close() cancels readers; end quietly, since asyncio 3.11's start_server callback would
