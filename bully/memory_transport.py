@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bully.failure_detector import LinkEvent
-from bully.transport import Complaints, LinkEventHandler, NotifyHandler, RequestFailed, RequestHandler
+from bully.transport import Complaints, LinkEventHandler, NotifyHandler, RequestFailed, RequestHandler, await_reply
 
 log = logging.getLogger("chatmesh.transport")
 
@@ -145,7 +145,9 @@ class MemoryTransport:
         for peer in self.peers:
             self.send(peer, message)
 
-    async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def request(
+        self, peer: str, message: dict[str, Any], timeout: float, abandon: asyncio.Future[Any] | None = None
+    ) -> dict[str, Any]:
         if peer not in self.peers:
             raise RequestFailed(f"unknown server {peer!r}")
         if self._closed:
@@ -156,11 +158,8 @@ class MemoryTransport:
         try:
             if not self.network.carry(self, peer, {"t": "q", "id": request_id, "m": message}):
                 raise RequestFailed(f"{peer}: connection refused")
-            try:
-                async with asyncio.timeout(timeout):
-                    return await future
-            except TimeoutError:
-                raise RequestFailed(f"no reply from {peer} within {timeout:.2f}s") from None
+            reply: dict[str, Any] = await await_reply(future, peer, timeout, abandon)
+            return reply
         finally:
             self._pending.pop(request_id, None)
 

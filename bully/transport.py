@@ -82,6 +82,36 @@ class RequestFailed(Exception):
     """A request got no reply: timeout, peer unreachable, connection lost, or the peer's handler failed."""
 
 
+class RequestAbandoned(RequestFailed):
+    """The caller stopped waiting for the reply: its `abandon` future completed first."""
+
+
+async def await_reply(
+    future: asyncio.Future[Any], peer: str, timeout: float, abandon: asyncio.Future[Any] | None
+) -> Any:
+    """The one wait of a request: the reply; RequestFailed after `timeout`; RequestAbandoned once `abandon`
+    completes. A timer handle and a callback on the reply's own future: no timeout scope, task or
+    asyncio.wait, since every approval crosses this (issue 14)."""
+
+    def expire() -> None:
+        if not future.done():
+            future.set_exception(RequestFailed(f"no reply from {peer} within {timeout:.2f}s"))
+
+    def abandoned(_: asyncio.Future[Any]) -> None:
+        if not future.done():
+            future.set_exception(RequestAbandoned(f"stopped waiting for {peer}"))
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    if abandon is not None:
+        abandon.add_done_callback(abandoned)
+    try:
+        return await future
+    finally:
+        timer.cancel()
+        if abandon is not None:
+            abandon.remove_done_callback(abandoned)
+
+
 class Transport(Protocol):
     """The coordination channel as the election and the node use it. Two implementations keep one contract
     (tests/unit/test_transport_contract.py runs the same suite against both): `TcpTransport` here, and
@@ -94,7 +124,9 @@ class Transport(Protocol):
     def on_request(self, kind: str, handler: RequestHandler) -> None: ...
     def send(self, peer: str, message: dict[str, Any]) -> bool: ...
     def broadcast(self, message: dict[str, Any]) -> None: ...
-    async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]: ...
+    async def request(
+        self, peer: str, message: dict[str, Any], timeout: float, abandon: asyncio.Future[Any] | None = None
+    ) -> dict[str, Any]: ...
     def complain(self, key: str, text: str, level: int = logging.WARNING) -> None: ...
 
 
@@ -387,8 +419,11 @@ class TcpTransport:
         for peer in self._links:
             self.send(peer, message)
 
-    async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send a request and await its reply; RequestFailed on timeout, unreachable peer or lost connection."""
+    async def request(
+        self, peer: str, message: dict[str, Any], timeout: float, abandon: asyncio.Future[Any] | None = None
+    ) -> dict[str, Any]:
+        """Send a request and await its reply; RequestFailed on timeout, unreachable peer or lost connection,
+        RequestAbandoned once `abandon` (if given) completes before the reply."""
         link = self._links.get(peer)
         if link is None:
             raise RequestFailed(f"unknown server {peer!r}")
@@ -402,11 +437,8 @@ class TcpTransport:
         try:
             if not self._send_body(link, {"t": "q", "id": request_id, "m": message}, future, request_id):
                 raise RequestFailed(f"could not queue a request to {peer}")
-            try:
-                async with asyncio.timeout(timeout):
-                    return await future
-            except TimeoutError:
-                raise RequestFailed(f"no reply from {peer} within {timeout:.2f}s") from None
+            reply: dict[str, Any] = await await_reply(future, peer, timeout, abandon)
+            return reply
         finally:
             self._pending.pop(request_id, None)
             if link.channel is not None:

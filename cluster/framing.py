@@ -29,6 +29,8 @@ class FrameError(Exception):
 
 
 class LineDecoder:
+    __slots__ = ("max_line_bytes", "_buffer")  # one per client connection
+
     def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.max_line_bytes = max_line_bytes
         self._buffer = bytearray()

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, assert_never
 
+from bully.transport import RequestAbandoned
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
@@ -70,7 +71,9 @@ class ElectionView(Protocol):
 class RequestChannel(Protocol):
     """The one part of `bully.transport.Transport` the directory uses."""
 
-    async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]: ...
+    async def request(
+        self, peer: str, message: dict[str, Any], timeout: float, abandon: asyncio.Future[Any] | None = None
+    ) -> dict[str, Any]: ...
 
 
 class CoordinatorService:
@@ -187,20 +190,29 @@ class ClusterDirectory:
         if coordinator == self._server_id:
             commit_timeout_s = min(self.timings.commit_timeout_s, timeout)
             return await self.service.handle(self._server_id, wire, commit_timeout_s=commit_timeout_s)
-        asking = asyncio.ensure_future(self.transport.request(coordinator, wire, timeout=timeout))
+        # One wait per attempt, the transport's (its timer is the attempt's deadline): `gone` makes it give
+        # up when another coordinator takes over; a change that elects the same one keeps waiting.
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        hooked = self._next_change()  # shared by every waiter: the callback comes off it afterwards
+
+        def changed(_: asyncio.Future[None]) -> None:
+            nonlocal hooked
+            if gone.done():
+                return  # the attempt ended while this call was on its way
+            if self.election.coordinator != coordinator:
+                gone.set_result(None)
+            else:
+                hooked = self._next_change()
+                hooked.add_done_callback(changed)
+
+        hooked.add_done_callback(changed)
         try:
-            while True:
-                waiters: set[asyncio.Future[Any]] = {asking, self._next_change()}
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                if asking.done():
-                    return asking.result()
-                if self.election.coordinator != coordinator:
-                    return None
+            return await self.transport.request(coordinator, wire, timeout, abandon=gone)
+        except RequestAbandoned:
+            return None
         finally:
-            if not asking.done():
-                asking.cancel()
-                with contextlib.suppress(BaseException):
-                    await asking
+            gone.cancel()
+            hooked.remove_done_callback(changed)
 
     async def request(self, command: rs.Command, deadline_s: float | None = None) -> bool:
         """Run `command` at the coordinator until it gives a final answer or the deadline passes; the

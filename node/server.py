@@ -88,25 +88,6 @@ MetricsHook = Callable[[str, int], None]
 LineSource = Callable[[], Awaitable[tuple[list[bytes], str | None] | None]]
 
 
-def _line_source(reader: asyncio.StreamReader, limits: Limits) -> LineSource:
-    """Newline-delimited lines from a TCP stream, each at most `limits.max_line_bytes`."""
-    decoder = LineDecoder(limits.max_line_bytes)
-
-    async def next_lines() -> tuple[list[bytes], str | None] | None:
-        try:
-            data = await reader.read(READ_CHUNK_BYTES)
-        except (ConnectionError, OSError):
-            return None
-        if not data:
-            return None
-        try:
-            return decoder.feed(data), None
-        except LineTooLong as exc:
-            return exc.lines, f"line longer than {limits.max_line_bytes} bytes"  # serve the lines before it
-
-    return next_lines
-
-
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
     identity: str
@@ -146,7 +127,8 @@ class _Conn:
         self.dead = False  # no more output: closed, aborted or lost
         self.limiter = limiter
         self.timer: asyncio.TimerHandle | None = None
-        self.logged: set[str] = set()  # limit violations already logged for this connection
+        # Limit violations already logged for this connection; None until the first (most never have one).
+        self.logged: set[str] | None = None
 
 
 class ChatServer:
@@ -370,20 +352,26 @@ class ChatServer:
     # -- connections ---------------------------------------------------------------------------------------
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport = write_transport(writer)
-        await self.serve_connection(transport, writer.get_extra_info("peername"), _line_source(reader, self.limits))
+        await self.serve_connection(write_transport(writer), writer.get_extra_info("peername"), reader)
 
-    async def serve_connection(self, transport: asyncio.WriteTransport, peer: object, source: LineSource) -> None:
+    async def serve_connection(
+        self, transport: asyncio.WriteTransport, peer: object, source: asyncio.StreamReader | LineSource
+    ) -> None:
         """Serve one client whose input arrives through `source` and whose output goes to `transport` (one
-        JSON line per write call's line): the TCP listener's connections and the WebSocket adapter's
-        (node/websocket.py) alike, so both kinds share sessions, rooms, limits and the core."""
+        JSON line per write call's line): the TCP listener's connections (a StreamReader of newline-delimited
+        lines) and the WebSocket adapter's (node/websocket.py, a LineSource) alike, so both kinds share
+        sessions, rooms, limits and the core."""
         task = asyncio.current_task()
         assert task is not None
         self._readers[task] = transport  # tracked so close() can end it; start_server does not
         conn: _Conn | None = None
         try:
             conn = self._accept(transport, peer)
-            if conn is not None:
+            if conn is None:
+                return
+            if isinstance(source, asyncio.StreamReader):
+                await self._read_stream(conn, source)
+            else:
                 await self._read_loop(conn, source)
         except asyncio.CancelledError:
             # Only close() cancels readers; end quietly, since asyncio 3.11's start_server callback would
@@ -435,44 +423,76 @@ class ChatServer:
         self._reject_logged[ip] = now
         log.warning("%s: refused connection from %s: %s", self.server_id, address, reason)
 
+    async def _read_stream(self, conn: _Conn, reader: asyncio.StreamReader) -> None:
+        """A TCP client's lines, read here rather than through a LineSource: an idle connection then holds
+        no closure and no suspended coroutine besides this one (10,000 idle clients, issue 14)."""
+        decoder = LineDecoder(self.limits.max_line_bytes)
+        while True:
+            try:
+                data = await reader.read(READ_CHUNK_BYTES)
+            except (ConnectionError, OSError):
+                data = b""
+            too_long = None
+            try:
+                lines = decoder.feed(data) if data else None
+            except LineTooLong as exc:
+                lines, too_long = exc.lines, f"line longer than {self.limits.max_line_bytes} bytes"
+            await self._stall_wait()
+            if not self._serve_lines(conn, lines, too_long):
+                return
+
     async def _read_loop(self, conn: _Conn, source: LineSource) -> None:
+        while True:
+            batch = await source()
+            lines, too_long = (None, None) if batch is None else batch
+            await self._stall_wait()
+            if not self._serve_lines(conn, lines, too_long):
+                return
+
+    async def _stall_wait(self) -> None:
+        assert self._loop is not None
+        guard = self.stall_guard
+        if guard is not None and not guard.check(self._loop.time()):
+            await guard.wait_open()  # this server stalled: input waits until it knows it is still live
+
+    def _serve_lines(self, conn: _Conn, lines: list[bytes] | None, too_long: str | None) -> bool:
+        """Hand one read's lines to the core (None: end of stream or reset), then the line-limit breach
+        `too_long` if any. False once the connection is over."""
         assert self._loop is not None
         loop = self._loop
         cid = conn.cid
         core = self.core
-        while True:
-            batch = await source()
-            guard = self.stall_guard
-            if guard is not None and not guard.check(loop.time()):
-                await guard.wait_open()  # this server stalled: input waits until it knows it is still live
-            if batch is None or self._conns.get(cid) is not conn:
-                break
-            lines, too_long = batch  # too_long: None, or what broke the line limit
-            now = loop.time()
-            for line in lines:
-                verdict = conn.limiter.check(now)
-                if verdict is Verdict.ALLOW:
-                    self._apply(core.receive(cid, line))
-                elif verdict is Verdict.EXCESS:
-                    self._violation(conn, "rate", "line rate limit exceeded")
-                    self._write_one(conn, encode(wire.error("rate limit exceeded: line dropped")))
-                else:
-                    self._violation(conn, "rate-abuse", "kept exceeding the line rate limit; disconnecting")
-                    self._drop(cid, "rate limit abuse")
-                    return
-                if self._conns.get(cid) is not conn:
-                    return  # the core closed it (quit, refused newidentity) or it was dropped
-            if too_long is not None:
-                self._violation(conn, "line-too-long", too_long)
-                self._drop(cid, "line too long")
-                return
-        # End of stream or reset: an abrupt quit, unless the core already closed it.
-        if self._conns.get(cid) is conn:
+        if self._conns.get(cid) is not conn:
+            return False
+        if lines is None:
+            # End of stream or reset: an abrupt quit, unless the core already closed it.
             self._apply(core.disconnected(cid))
+            return False
+        now = loop.time()
+        for line in lines:
+            verdict = conn.limiter.check(now)
+            if verdict is Verdict.ALLOW:
+                self._apply(core.receive(cid, line))
+            elif verdict is Verdict.EXCESS:
+                self._violation(conn, "rate", "line rate limit exceeded")
+                self._write_one(conn, encode(wire.error("rate limit exceeded: line dropped")))
+            else:
+                self._violation(conn, "rate-abuse", "kept exceeding the line rate limit; disconnecting")
+                self._drop(cid, "rate limit abuse")
+                return False
+            if self._conns.get(cid) is not conn:
+                return False  # the core closed it (quit, refused newidentity) or it was dropped
+        if too_long is not None:
+            self._violation(conn, "line-too-long", too_long)
+            self._drop(cid, "line too long")
+            return False
+        return True
 
     def _violation(self, conn: _Conn, kind: str, detail: str) -> None:
         self._count("limit_violations")
         self._count(f"limit_violations.{kind}")
+        if conn.logged is None:
+            conn.logged = set()
         if kind not in conn.logged:
             conn.logged.add(kind)
             who = self.core.identity_of(conn.cid)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from bully.transport import RequestAbandoned, RequestFailed, await_reply
 from cluster.config import parse_config
 from cluster.names import Identity, RoomId, ServerId
 from node import coordinator as co
@@ -30,16 +31,21 @@ class Election:
 class Link:
     """The coordination channel: each coordinator's answer, recorded requests, failures on demand."""
 
-    def __init__(self, registry: rs.RegistryState, down: set[str]) -> None:
+    def __init__(self, registry: rs.RegistryState, down: set[str], silent: frozenset[str] = frozenset()) -> None:
         self.registry = registry
         self.down = down
+        self.silent = silent  # peers that take the request and never reply
         self.asked: list[tuple[str, str]] = []  # (coordinator, request id)
 
-    async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def request(
+        self, peer: str, message: dict[str, Any], timeout: float, abandon: asyncio.Future[Any] | None = None
+    ) -> dict[str, Any]:
         command = codec.command_from_wire(message["command"])
         self.asked.append((peer, command.request_id))
         if peer in self.down:
             raise ConnectionError(f"{peer} unreachable")
+        if peer in self.silent:  # waits the way bully.transport does: timer, abandon, no reply
+            return await await_reply(asyncio.get_running_loop().create_future(), peer, timeout, abandon)  # type: ignore[no-any-return]
         result = self.registry.apply(command)
         return {"ok": result.ok, "reason": result.reason, "final": True}
 
@@ -86,6 +92,51 @@ def test_a_retry_at_a_new_coordinator_keeps_the_request_id() -> None:
     ids = {request_id for _, request_id in link.asked}
     assert len(ids) == 1 and {peer for peer, _ in link.asked} == {"s3", "s2"}
     assert state.identity("alice") is not None and state.identity("alice").server == "s1"  # type: ignore[union-attr]
+
+
+def test_a_new_coordinator_ends_the_wait_for_a_silent_one_at_once() -> None:
+    state = up(rs.RegistryState())
+    election = Election("s3")
+    link = Link(state, down=set(), silent=frozenset({"s3"}))
+    d = directory(state, election, link)
+
+    async def scenario() -> tuple[bool, float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        claim = asyncio.ensure_future(d.claim_identity(Identity("alice")))
+        await asyncio.sleep(0.02)
+        d.coordinator_changed()  # the same coordinator again: keep waiting for it
+        await asyncio.sleep(0.02)
+        assert not claim.done() and [peer for peer, _ in link.asked] == ["s3"]
+        election.coordinator = "s2"
+        d.coordinator_changed()
+        approved = await claim
+        return approved, loop.time() - started
+
+    approved, took = asyncio.run(scenario())
+    assert approved and took < d.timings.peer_request_timeout_s  # not the attempt's timeout
+    assert [peer for peer, _ in link.asked] == ["s3", "s2"] and len({r for _, r in link.asked}) == 1
+    assert d.in_doubt == {}
+
+
+def test_await_reply_times_out_or_is_abandoned_and_a_reply_wins() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(RequestFailed) as failed:
+            await await_reply(loop.create_future(), "s2", 0.01, None)
+        assert not isinstance(failed.value, RequestAbandoned)
+        abandon: asyncio.Future[None] = loop.create_future()
+        loop.call_later(0.01, abandon.set_result, None)
+        with pytest.raises(RequestAbandoned):
+            await await_reply(loop.create_future(), "s2", 5.0, abandon)
+        reply: asyncio.Future[dict[str, Any]] = loop.create_future()
+        reply.set_result({"ok": True})
+        abandon = loop.create_future()
+        assert await await_reply(reply, "s2", 5.0, abandon) == {"ok": True}
+        abandon.set_result(None)  # too late to matter, and no callback left on it
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
 
 
 def test_a_request_unanswered_at_its_deadline_is_refused_and_in_doubt() -> None:
