@@ -73,6 +73,9 @@ class Options:
     # and for the reconciler's two passes after that.
     settle_s: float = 18.0
     mutation: str | None = None
+    # The churn scenario: a client that quits or drops logs in again within 20 ms with the same name on
+    # the same server (see `SimClient._maybe_relogin`).
+    churn: bool = False
     # Production timings, except what a test sets (every timing is settable: cluster/timings.py).
     timings: ClusterTimings = field(default_factory=ClusterTimings)
 
@@ -126,6 +129,7 @@ class World:
         self._change_key: tuple[int, ...] | None = None
         self.errors: list[str] = []
         self.dead_loops: list[SimLoop] = []
+        self.released: dict[str, tuple[str, int]] = {}  # name -> (server, incarnation) of the release that freed it
         self._running: list[SimServer] = []  # the live servers, as of the last topology change
 
     # -- topology -------------------------------------------------------------------------------------------
@@ -320,6 +324,7 @@ class World:
         up = self.raft.committed.servers_up()
         holders: dict[str, str] = {}
         hosts: dict[str, str] = {}
+        registered = {entry.identity: entry for entry in self.raft.committed.identities()}
         for server in live:
             core = server.node.chat.core
             core.check_invariants()
@@ -330,6 +335,14 @@ class World:
                 other = holders.setdefault(client.identity, server.server_id)
                 if other != server.server_id:
                     self.fail(f"identity {client.identity} is held by sessions on {other} and {server.server_id}")
+                # A session's name commits before the session exists; if this server's own release freed it
+                # since, the registry lost a live session's name (a release built from a stale view: the
+                # reconciler acting on an entry orphaned for a moment, as in the pairing bug).
+                if client.identity not in registered and self.released.get(client.identity) == (
+                    server.server_id,
+                    server.node.incarnation,
+                ):
+                    self.fail(f"{server.server_id} released {client.identity} while a session of it holds that name")
             for room in snapshot.rooms:
                 other = hosts.setdefault(room.room_id, server.server_id)
                 if other != server.server_id:
@@ -338,8 +351,16 @@ class World:
     def _on_commit(self, entry: Entry, result: rs.Result) -> None:
         command = entry.command
         self.log(f"commit {describe(command)} from {entry.submitter} -> {'ok' if result.ok else result.reason}")
-        if isinstance(command, rs.ReleaseIdentity) and result.ok:
-            self._check_release(command)
+        if result.ok:
+            # Which release last freed each name (cleared when the name is taken again or dropped otherwise).
+            for name in result.released_identities:
+                self.released.pop(name, None)
+            if isinstance(command, rs.ClaimIdentity | rs.BeginMove | rs.CompleteMove):
+                self.released.pop(command.identity, None)
+            if isinstance(command, rs.ReleaseIdentity):
+                self.released[command.identity] = (command.server, command.incarnation)
+                self._change_key = None  # look at the sessions again at the next step
+                self._check_release(command)
         if isinstance(command, rs.ServerDown) and result.ok:
             server = self.servers.get(command.server)
             since = self.healthy_since.get(command.server)
@@ -422,6 +443,10 @@ class World:
             parts.append(f"--clients {o.clients}")
         if o.mutation:
             parts.append(f"--mutation {o.mutation}")
+        if o.churn:
+            parts.append("--churn")
+        if o.timings.reconcile_interval_s != ClusterTimings().reconcile_interval_s:
+            parts.append(f"--reconcile-interval {o.timings.reconcile_interval_s}")
         return " ".join(parts)
 
     def fail(self, what: str) -> None:
