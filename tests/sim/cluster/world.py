@@ -56,6 +56,8 @@ from tests.sim.cluster.raft import TICK_S, Entry, RaftModel, SimRegistry, descri
 ANSWER_BOUND_S = DIRECTORY_TIMEOUT_S + 1.0
 HEALTHY_S = 3.0
 OVERDUE_CHECK_S = 0.05
+SETTLE_PROBE_S = 2.5
+MIN_SETTLE_S = 7.5
 # The fake wall clock starts here (2026-01-01), so incarnations look like real ones.
 WALL_EPOCH_S = 1_767_225_600.0
 NETWORK_DELAY_S = (0.0005, 0.004)
@@ -250,9 +252,34 @@ class World:
             self.scheduler.run_until(self.options.chaos_s, self._check)
             self.chaos = False
             self._heal_all()
-            self.scheduler.run_until(self.options.chaos_s + self.options.settle_s, self._check)
+            self._settle()
             self._check_settled()
         return self
+
+    def _settle(self) -> None:
+        """Run the heal-and-settle phase until the cluster has been settled at two looks in a row
+        `SETTLE_PROBE_S` apart (longer than a reconcile and a membership period: a steady state) and
+        `MIN_SETTLE_S` have passed (a healed server counts as healthy after `HEALTHY_S`: a wrong "server
+        down" after the heal still has time to show), or until `settle_s` is over. Most seeds settle in a few seconds; simulating the rest of the 18 s would
+        repeat the same heartbeats."""
+        end = self.options.chaos_s + self.options.settle_s
+        at = self.options.chaos_s + SETTLE_PROBE_S
+        settled_before = False
+        while at < end:
+            self.scheduler.run_until(at, self._check)
+            settled = self._is_settled()
+            if settled and settled_before and at - self.options.chaos_s >= MIN_SETTLE_S:
+                return
+            settled_before = settled
+            at += SETTLE_PROBE_S
+        self.scheduler.run_until(end, self._check)
+
+    def _is_settled(self) -> bool:
+        try:
+            self._check_settled()
+        except SimulationFailure:
+            return False
+        return True
 
     def _every(self, interval: float, action: Callable[[], None]) -> None:
         def tick() -> None:
