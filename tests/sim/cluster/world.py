@@ -134,6 +134,7 @@ class World:
         self.errors: list[str] = []
         self.dead_loops: list[SimLoop] = []
         self.released: dict[str, tuple[str, int]] = {}  # name -> (server, incarnation) of the release that freed it
+        self.deleted_rooms: set[tuple[str, str, int]] = set()  # (room, server, incarnation) of ok DeleteRooms
         self._running: list[SimServer] = []  # the live servers, as of the last topology change
 
     # -- topology -------------------------------------------------------------------------------------------
@@ -260,8 +261,8 @@ class World:
         """Run the heal-and-settle phase until the cluster has been settled at two looks in a row
         `SETTLE_PROBE_S` apart (longer than a reconcile and a membership period: a steady state) and
         `MIN_SETTLE_S` have passed (a healed server counts as healthy after `HEALTHY_S`: a wrong "server
-        down" after the heal still has time to show), or until `settle_s` is over. Most seeds settle in a few seconds; simulating the rest of the 18 s would
-        repeat the same heartbeats."""
+        down" after the heal still has time to show), or until `settle_s` is over. Most seeds settle
+        within seconds; simulating the rest of the 18 s would repeat the same heartbeats."""
         end = self.options.chaos_s + self.options.settle_s
         at = self.options.chaos_s + SETTLE_PROBE_S
         settled_before = False
@@ -377,6 +378,8 @@ class World:
                 ):
                     self.fail(f"{server.server_id} released {client.identity} while a session of it holds that name")
             for room in snapshot.rooms:
+                if (room.room_id, server.server_id, server.node.incarnation) in self.deleted_rooms:
+                    continue  # deleted from the registry first, then from the server (maybe frozen meanwhile)
                 other = hosts.setdefault(room.room_id, server.server_id)
                 if other != server.server_id:
                     self.fail(f"room {room.room_id} is hosted by {other} and {server.server_id}")
@@ -390,6 +393,10 @@ class World:
                 self.released.pop(name, None)
             if isinstance(command, rs.ClaimIdentity | rs.BeginMove | rs.CompleteMove):
                 self.released.pop(command.identity, None)
+            if isinstance(command, rs.DeleteRoom):
+                self.deleted_rooms.add((command.room_id, command.server, command.incarnation))
+            if isinstance(command, rs.CreateRoom):
+                self.deleted_rooms.discard((command.room_id, command.server, command.incarnation))
             if isinstance(command, rs.ReleaseIdentity):
                 self.released[command.identity] = (command.server, command.incarnation)
                 self._change_key = None  # look at the sessions again at the next step
