@@ -11,10 +11,12 @@ digest (with --trace, every event of the run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import sys
 import time
 
+from cluster.timings import ClusterTimings
 from tests.sim.cluster.mutations import MUTATIONS, mutated
 from tests.sim.cluster.world import Options, SimulationFailure, World
 
@@ -48,8 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--clients", type=int, default=Options.clients)
         p.add_argument("--mutation", choices=sorted(MUTATIONS), help="re-introduce a known bug")
         p.add_argument("--quiet", action="store_true")
+        p.add_argument("--churn", action="store_true", help="clients log in again at once after a quit or drop")
+        p.add_argument("--reconcile-interval", type=float, default=ClusterTimings().reconcile_interval_s)
     args = parser.parse_args(argv)
-    options = Options(servers=args.servers, clients=args.clients, mutation=args.mutation)
+    options = Options(
+        servers=args.servers,
+        clients=args.clients,
+        mutation=args.mutation,
+        churn=args.churn,
+        timings=dataclasses.replace(ClusterTimings(), reconcile_interval_s=args.reconcile_interval),
+    )
 
     if args.command == "replay":
         world = World(args.seed, options)

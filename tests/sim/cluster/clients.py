@@ -188,7 +188,26 @@ class SimClient:
             self._request("quit", "", {"type": "quit"})
         else:
             self.world.log(f"c{self.index} {self.identity} disconnects abruptly")
+            where = (self.conn.server.server_id, self.identity)
             self._end_session()
+            self._maybe_relogin(where)
+
+    def _maybe_relogin(self, where: tuple[str, str | None]) -> None:
+        """The churn scenario: a user who quit or dropped logs in again at once, same name, same server
+        (a reconnect, or someone else grabbing the name that just came free)."""
+        world = self.world
+        sid, name = where
+        if not world.options.churn or name is None:
+            return
+
+        def relogin() -> None:
+            server = world.servers.get(sid)
+            if not world.chaos or self.conn is not None or server is None or not server.alive:
+                return
+            self._connect(server)
+            self._request("newidentity", name, {"type": "newidentity", "identity": ""})
+
+        world.scheduler.after(world.rng.uniform(0.0, 0.02), relogin)
 
     def _connect(self, server: SimServer) -> None:
         self._connections += 1
@@ -276,7 +295,9 @@ class SimClient:
                 self._answered(f"roomchange {former} -> {room}")
             elif p is not None and p.kind == "quit" and room == "":
                 self._answered("quit")
+                where = (conn.server.server_id, self.identity)
                 self._end_session()
+                self._maybe_relogin(where)
                 return
             if room:
                 self.room = room

@@ -2,7 +2,8 @@
 
 What it keeps of Raft (and what the node layer depends on):
 - One log. A leader appends; an entry is committed once a majority of servers hold it, which needs the
-  leader to reach a majority. Every replica applies committed entries in log order to its own
+  leader to reach a majority. The leader applies at once, a follower one tick later (when the next
+  AppendEntries carries the commit index). Every replica applies committed entries in log order to its own
   `RegistryState` and tells its listeners (the node's `_on_applied`), on its own loop.
 - Leadership changes: when the leader dies, freezes or loses its majority, it stays leader (nothing
   commits) until the followers' election timeout (`ClusterTimings.raft_min/max_timeout_s`), or until the
@@ -107,6 +108,9 @@ class RaftModel:
             for sid in holders:
                 self.replicas[sid].held = len(self.log)
             count = sum(1 for sid in self.ids if self.replicas[sid].held >= len(self.log))
+            # Followers learn the commit index from the leader's next AppendEntries (one tick later): a
+            # server's request can be answered by the coordinator before its own replica applies it.
+            previous = self.commit
             if count >= self.majority:
                 for entry in self.log[self.commit :]:
                     result = self.committed.apply(entry.command)
@@ -114,7 +118,8 @@ class RaftModel:
                         self.on_commit(entry, result)
                 self.commit = len(self.log)
             for sid in holders:
-                self.replicas[sid].known_commit = self.commit
+                replica = self.replicas[sid]
+                replica.known_commit = self.commit if sid == leader else max(replica.known_commit, previous)
         for sid in self.ids:
             registry = self.registries.get(sid)
             if registry is not None and self.live(sid):
