@@ -4,7 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint bench clean browser
+.PHONY: run test check lint bench clean browser sim
+
+# `make sim SEEDS=10000 JOBS=2`: the whole-cluster simulation over that many seeds (docs/simulation.md).
+SEEDS ?= 200
+JOBS ?= 2
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +35,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy cluster registry bully node client bench run_cluster.py
 
+# What CI runs (.ci/run): ruff and mypy, then every test.
 check: lint test
+
+sim: $(STAMP)
+	$(PY) -m tests.sim.cluster run --seeds $(SEEDS) --jobs $(JOBS)
 
 bench: $(STAMP)
 	$(PY) -m bench.all

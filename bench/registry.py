@@ -10,10 +10,12 @@ applied result. Also measures what one journal append costs in isolation. Prints
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,9 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[index]
 
 
-def run_load(nodes: RegistryNodes, server_id: str, count: int, concurrency: int, prefix: str) -> dict[str, Any]:
+def run_load(
+    nodes: RegistryNodes, server_id: str, count: int, concurrency: int, prefix: str, samples: bool = False
+) -> dict[str, Any]:
     reply = nodes.call(
         server_id,
         {
@@ -60,18 +64,25 @@ def run_load(nodes: RegistryNodes, server_id: str, count: int, concurrency: int,
         "mean_ms": statistics.fmean(ms) if ms else float("nan"),
         "max_ms": max(ms) if ms else float("nan"),
         "commits_per_s": len(ms) / reply["wall_s"] if reply["wall_s"] else float("nan"),
+        **({"ms": ms} if samples else {}),
     }
 
 
-def bench_cluster(size: int, journal: bool, sequential: int, concurrent: int) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+@contextlib.contextmanager
+def registry_cluster(size: int, journal: bool = True) -> Iterator[tuple[RegistryNodes, str, str]]:
+    """`size` bare registry nodes, every server announced up; yields (nodes, leader, a follower)."""
     with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp, RegistryNodes(Path(tmp), size, journal) as nodes:
         nodes.start_all()
         leader = nodes.wait_leader(timeout=30)
         for server_id in nodes.ids:
             reply = nodes.submit(leader, rs.ServerUp(f"up-{server_id}", server_id, INCARNATION))
             assert reply["ok"] and reply["result"]["ok"], reply
-        follower = next(s for s in nodes.ids if s != leader)
+        yield nodes, leader, next(s for s in nodes.ids if s != leader)
+
+
+def bench_cluster(size: int, journal: bool, sequential: int, concurrent: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with registry_cluster(size, journal) as (nodes, leader, follower):
         # Warm up both paths (connections, caches) before measuring.
         run_load(nodes, leader, 50, 1, "wl")
         run_load(nodes, follower, 50, 1, "wf")

@@ -44,6 +44,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
+
+# Evidence about a peer's process from the caller's transport: our connection to it ended ("lost"), a
+# connection attempt was refused ("refused": nothing listens on its port), or it is established ("up").
+LinkEvent = Literal["lost", "refused", "up"]
 
 # Heartbeat gaps remembered per peer for its suspicion window.
 GAP_HISTORY = 8
@@ -184,6 +189,11 @@ class FailureDetector:
 
     def up(self) -> set[str]:
         return set(self._up)
+
+    def heard_within(self, now: float, span_s: float) -> set[str]:
+        """Up peers heard in the last `span_s` seconds: unlike `up()`, which lags a break by a whole
+        suspicion window, this shows a short cut-off (a partition that heals before anyone is declared)."""
+        return {peer for peer in self._up if now - self._last_heard[peer] <= span_s}
 
     def incarnations(self) -> dict[str, int]:
         """The last incarnation heard from every peer ever heard."""

@@ -44,8 +44,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Protocol
 
+from bully.failure_detector import LinkEvent
 from cluster.config import ClusterConfig
 from cluster.framing import MAX_LINE_BYTES, FrameError, LineDecoder, LineTooLong, decode_object, encode
 
@@ -73,15 +74,28 @@ COMPLAINT_INTERVAL_S = 10.0
 MAX_COMPLAINT_KEYS = 256
 
 NotifyHandler = Callable[[str, dict[str, Any]], None]
-# Evidence about a peer's process for the failure detector: our connection to it ended ("lost"), a
-# connection attempt was refused ("refused": nothing listens on its port), or it is established ("up").
-LinkEvent = Literal["lost", "refused", "up"]
 LinkEventHandler = Callable[[str, LinkEvent], None]
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class RequestFailed(Exception):
     """A request got no reply: timeout, peer unreachable, connection lost, or the peer's handler failed."""
+
+
+class Transport(Protocol):
+    """The coordination channel as the election and the node use it. Two implementations keep one contract
+    (tests/unit/test_transport_contract.py runs the same suite against both): `TcpTransport` here, and
+    `bully.memory_transport.MemoryTransport` for the simulations."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def on_notify(self, handler: NotifyHandler) -> None: ...
+    def on_link_event(self, handler: LinkEventHandler) -> None: ...
+    def on_request(self, kind: str, handler: RequestHandler) -> None: ...
+    def send(self, peer: str, message: dict[str, Any]) -> bool: ...
+    def broadcast(self, message: dict[str, Any]) -> None: ...
+    async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]: ...
+    def complain(self, key: str, text: str, level: int = logging.WARNING) -> None: ...
 
 
 class AuthError(Exception):
@@ -114,7 +128,7 @@ def _fresh(ts: object) -> bool:
     return isinstance(ts, int | float) and not isinstance(ts, bool) and abs(time.time() - ts) <= MAX_CLOCK_SKEW_S
 
 
-class _Complaints:
+class Complaints:
     """Log each kind of complaint once, then at most once per COMPLAINT_INTERVAL_S with a count."""
 
     def __init__(self) -> None:
@@ -149,7 +163,7 @@ class _Channel:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: TcpTransport,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str,
@@ -267,7 +281,7 @@ class _Link:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class Transport:
+class TcpTransport:
     def __init__(self, config: ClusterConfig, self_id: str, secret: bytes, max_queue: int = 1024) -> None:
         if not secret:
             raise ValueError("the cluster secret must not be empty")
@@ -297,7 +311,7 @@ class Transport:
         self._server: asyncio.Server | None = None
         self._closing = False
         self._rng = random.Random()
-        self.complain = _Complaints()
+        self.complain = Complaints()
         self.frames_dropped = 0
 
     # -- lifetime ----------------------------------------------------------------------------------------------

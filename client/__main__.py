@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reconnect-timeout", type=float, default=30.0, metavar="S", help="keep trying to reconnect for (30)"
     )
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (the server's clients port must use it)")
+    parser.add_argument("--ca", metavar="FILE", help="trust the CA certificates in FILE (PEM) for --tls (default: the "
+                        "system's)")  # fmt: skip
     parser.add_argument("-d", "--debug", action="store_true", help="print the JSON sent and received on stderr")
     return parser
 
@@ -84,8 +88,20 @@ def positive(value: float, name: str) -> float:
     return value
 
 
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.ca and not args.tls:
+        raise UsageError("--ca needs --tls")
+    if not args.tls:
+        return None
+    try:
+        return ssl.create_default_context(cafile=args.ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use CA file {args.ca}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def shell_options(args: argparse.Namespace) -> ShellOptions:
     return ShellOptions(
+        tls=tls_context(args),
         wait_replies=args.wait_replies,
         reply_timeout_s=positive(args.reply_timeout, "--reply-timeout"),
         connect_timeout_s=positive(args.connect_timeout, "--connect-timeout"),

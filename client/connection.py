@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -64,9 +65,13 @@ class Connection:
         self.skipped_lines = 0
 
     @classmethod
-    async def open(cls, address: ServerAddress, timeout_s: float) -> Connection:
+    async def open(cls, address: ServerAddress, timeout_s: float, tls: ssl.SSLContext | None = None) -> Connection:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port), timeout_s)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(address.host, address.port, ssl=tls), timeout_s
+            )
+        except ssl.SSLError as exc:
+            raise ConnectionFailed(f"cannot connect to {address.label}: TLS failed ({exc.reason or exc})") from exc
         except (OSError, TimeoutError) as exc:
             raise ConnectionFailed(f"cannot connect to {address.label}: {describe(exc)}") from exc
         return cls(reader, writer, address)

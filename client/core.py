@@ -1,10 +1,10 @@
 """The terminal client's core: user lines in, protocol messages out; server messages in, printed lines out.
 
 No I/O (like h11: the shell owns the sockets and the terminal). Every call returns a list of effects the
-shell applies in order: `Send` a message on the current connection, `Show` a line on stdout, `Hint` an
+shell applies in order: `SendMessage` on the current connection, `Show` a line on stdout, `Hint` an
 explanation on stderr, `FollowRoute` / `AdoptRoute` / `AbandonRoute` for a server change, `Reconnect` after
 a lost connection, `Exit` with a status. The printed lines are exactly the Java client's
-(shared/protocol.md, "The Java client's view"), so a user of either feels at home.
+(docs/protocol.md, "The Java client's view"), so a user of either feels at home.
 
 Theory of operation
 -------------------
@@ -66,27 +66,27 @@ class ListRooms:
 
 
 @dataclass(frozen=True, slots=True)
-class Who:
+class WhoCommand:
     pass
 
 
 @dataclass(frozen=True, slots=True)
-class CreateRoom:
+class CreateRoomCommand:
     room: str
 
 
 @dataclass(frozen=True, slots=True)
-class JoinRoom:
+class JoinRoomCommand:
     room: str
 
 
 @dataclass(frozen=True, slots=True)
-class DeleteRoom:
+class DeleteRoomCommand:
     room: str
 
 
 @dataclass(frozen=True, slots=True)
-class Quit:
+class QuitCommand:
     pass
 
 
@@ -110,17 +110,34 @@ class Blank:
     pass
 
 
-Command = ListRooms | Who | CreateRoom | JoinRoom | DeleteRoom | Quit | Help | Say | Invalid | Blank
+# What the user typed (named apart from the protocol messages in node/protocol.py that some of them send).
+UserCommand = (
+    ListRooms
+    | WhoCommand
+    | CreateRoomCommand
+    | JoinRoomCommand
+    | DeleteRoomCommand
+    | QuitCommand
+    | Help
+    | Say
+    | Invalid
+    | Blank
+)
 
-_NO_ARGUMENT: dict[str, Command] = {"#list": ListRooms(), "#who": Who(), "#quit": Quit(), "#help": Help()}
-_ROOM_ARGUMENT: dict[str, type[CreateRoom | JoinRoom | DeleteRoom]] = {
-    "#createroom": CreateRoom,
-    "#joinroom": JoinRoom,
-    "#deleteroom": DeleteRoom,
+_NO_ARGUMENT: dict[str, UserCommand] = {
+    "#list": ListRooms(),
+    "#who": WhoCommand(),
+    "#quit": QuitCommand(),
+    "#help": Help(),
+}
+_ROOM_ARGUMENT: dict[str, type[CreateRoomCommand | JoinRoomCommand | DeleteRoomCommand]] = {
+    "#createroom": CreateRoomCommand,
+    "#joinroom": JoinRoomCommand,
+    "#deleteroom": DeleteRoomCommand,
 }
 
 
-def parse_command(line: str) -> Command:
+def parse_command(line: str) -> UserCommand:
     """One line the user typed. `#word` is a command; `##...` escapes a message starting with `#`.
 
     Words are split on any whitespace (the Java client splits on single spaces and rejects the rest; being
@@ -150,7 +167,7 @@ def parse_command(line: str) -> Command:
 
 
 @dataclass(frozen=True, slots=True)
-class Send:
+class SendMessage:
     message: dict[str, Any]
 
 
@@ -195,7 +212,7 @@ class Exit:
     status: int
 
 
-Effect = Send | Show | Hint | FollowRoute | AdoptRoute | AbandonRoute | Reconnect | Exit
+Effect = SendMessage | Show | Hint | FollowRoute | AdoptRoute | AbandonRoute | Reconnect | Exit
 
 
 class Phase(enum.Enum):
@@ -328,14 +345,14 @@ class ClientCore:
             self.phase = Phase.DONE
             return [Hint(f"Invalid identity {self.identity!r}: {NAME_RULE}."), Exit(EXIT_IDENTITY_REFUSED)]
         self._expect("login")
-        return [Send(self.newidentity())]
+        return [SendMessage(self.newidentity())]
 
     def command(self, line: str) -> list[Effect]:
         """One line of user input (already without its newline)."""
         parsed = parse_command(line)
         if self.phase is Phase.DONE:
             return []
-        if isinstance(parsed, Quit) and self.phase is Phase.RECONNECTING:
+        if isinstance(parsed, QuitCommand) and self.phase is Phase.RECONNECTING:
             # Nobody to say goodbye to; the server side already ended the old session.
             self.phase = Phase.DONE
             return [Exit(EXIT_OK)]
@@ -346,29 +363,29 @@ class ClientCore:
         match parsed:
             case ListRooms():
                 self._expect("list")
-                return [Send({"type": "list"})]
-            case Who():
+                return [SendMessage({"type": "list"})]
+            case WhoCommand():
                 self._expect("who")
-                return [Send({"type": "who"})]
-            case CreateRoom(room):
+                return [SendMessage({"type": "who"})]
+            case CreateRoomCommand(room):
                 self._expect("createroom", room)
-                return [Send({"type": "createroom", "roomid": room})]
-            case JoinRoom(room):
+                return [SendMessage({"type": "createroom", "roomid": room})]
+            case JoinRoomCommand(room):
                 self._expect("joinroom", room)
-                return [Send({"type": "joinroom", "roomid": room})]
-            case DeleteRoom(room):
+                return [SendMessage({"type": "joinroom", "roomid": room})]
+            case DeleteRoomCommand(room):
                 self._expect("deleteroom", room)
-                return [Send({"type": "deleteroom", "roomid": room})]
-            case Quit():
+                return [SendMessage({"type": "deleteroom", "roomid": room})]
+            case QuitCommand():
                 self.phase = Phase.QUITTING
                 self._expect("quit")
-                return [Send({"type": "quit"})]
+                return [SendMessage({"type": "quit"})]
             case Say(content):
                 message = {"type": "message", "content": content}
                 if not fits_one_line(message):
                     return [Hint(f"Message too long: the servers accept lines up to {MAX_LINE_BYTES} bytes.")]
                 # A message has no answer, so nothing is awaited.
-                return [Send(message)]
+                return [SendMessage(message)]
             case _:
                 raise AssertionError(f"unhandled command {parsed!r}")
 

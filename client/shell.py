@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -33,9 +34,9 @@ from client.core import (
     FollowRoute,
     Hint,
     Phase,
-    Quit,
+    QuitCommand,
     Reconnect,
-    Send,
+    SendMessage,
     Show,
     is_approved,
     parse_command,
@@ -58,6 +59,7 @@ class ShellOptions:
     reconnect_timeout_s: float = 30.0
     retry_pause_s: float = 1.0
     debug: bool = False
+    tls: ssl.SSLContext | None = None  # --tls: every connection (routes and reconnections too) uses it
 
 
 # --- events ----------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ class ClientShell:
         reasons = []
         for address in self.addresses:
             try:
-                return await Connection.open(address, self.options.connect_timeout_s)
+                return await Connection.open(address, self.options.connect_timeout_s, self.options.tls)
             except ConnectionFailed as exc:
                 reasons.append(str(exc))
                 if address is not self.addresses[-1]:
@@ -289,7 +291,7 @@ class ClientShell:
         if self.core.phase is Phase.DONE:
             return None
         quitting = isinstance(event, UserEnd) or (
-            isinstance(event, UserLine) and isinstance(parse_command(event.text), Quit)
+            isinstance(event, UserLine) and isinstance(parse_command(event.text), QuitCommand)
         )
         if quitting and not self._held and self.core.phase is Phase.RECONNECTING:
             return await self._apply(self.core.command("#quit"))
@@ -319,7 +321,7 @@ class ClientShell:
     async def _apply(self, effects: list[Effect]) -> int | None:
         for effect in effects:
             match effect:
-                case Send(message):
+                case SendMessage(message):
                     await self._send(message)
                 case Show(line):
                     self.output.show(printable(line))
@@ -408,7 +410,7 @@ class ClientShell:
         )
         connection: Connection | None = None
         try:
-            connection = await Connection.open(address, self.options.connect_timeout_s)
+            connection = await Connection.open(address, self.options.connect_timeout_s, self.options.tls)
             if self.options.debug:
                 self.output.hint(f"-> {json.dumps(effect.movejoin)}")
             await connection.send(effect.movejoin)

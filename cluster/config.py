@@ -1,9 +1,10 @@
 """configuration.txt: one server per line.
 
-    serverid host clients_port coordination_port priority [admin_port [raft_port]]
+    serverid host clients_port coordination_port priority [admin_port [raft_port [ws_port]]]
 
 Whitespace-separated; `#` starts a comment; blank lines are ignored. `admin_port` defaults to
-`clients_port + 1000` and `raft_port` to `coordination_port + 1000`. Every error names the file and line.
+`clients_port + 1000`, `raft_port` to `coordination_port + 1000` and `ws_port` (WebSocket clients) to
+`clients_port + 2000`. Every error names the file and line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from cluster.names import ServerId, is_valid_server_id
 
 ADMIN_PORT_OFFSET = 1000
 RAFT_PORT_OFFSET = 1000
+WS_PORT_OFFSET = 2000
 
 
 class ConfigError(Exception):
@@ -31,6 +33,7 @@ class ServerConfig:
     priority: int
     admin_port: int
     raft_port: int
+    ws_port: int = 0  # 0 only in hand-built test values; parse_config always sets it
 
     @property
     def raft_address(self) -> str:
@@ -88,10 +91,10 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
             continue
         where = f"{source}:{lineno}"
         fields = line.split()
-        if not 5 <= len(fields) <= 7:
+        if not 5 <= len(fields) <= 8:
             raise ConfigError(
                 f"{where}: expected 'serverid host clients_port coordination_port priority "
-                f"[admin_port [raft_port]]', got {len(fields)} fields"
+                f"[admin_port [raft_port [ws_port]]]', got {len(fields)} fields"
             )
         server_id, host = fields[0], fields[1]
         if not is_valid_server_id(server_id):
@@ -108,11 +111,13 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
             raise ConfigError(f"{where}: duplicate priority {priority} (first on line {seen_priorities[priority]})")
         admin_port = _port(fields[5], "admin_port", where) if len(fields) > 5 else clients_port + ADMIN_PORT_OFFSET
         raft_port = _port(fields[6], "raft_port", where) if len(fields) > 6 else coordination_port + RAFT_PORT_OFFSET
+        ws_port = _port(fields[7], "ws_port", where) if len(fields) > 7 else clients_port + WS_PORT_OFFSET
         for name, port in (
             ("clients_port", clients_port),
             ("coordination_port", coordination_port),
             ("admin_port", admin_port),
             ("raft_port", raft_port),
+            ("ws_port", ws_port),
         ):
             if not 1 <= port <= 65535:
                 raise ConfigError(f"{where}: {name} {port} (derived) is out of range 1..65535")
@@ -134,6 +139,7 @@ def parse_config(text: str, source: str = "<config>") -> ClusterConfig:
                 priority=priority,
                 admin_port=admin_port,
                 raft_port=raft_port,
+                ws_port=ws_port,
             )
         )
     if not servers:

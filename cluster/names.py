@@ -1,4 +1,4 @@
-"""Identity and room-id rules of the client protocol (shared/protocol.md, "Names")."""
+"""Identity and room-id rules of the client protocol (docs/protocol.md, "Names")."""
 
 from __future__ import annotations
 

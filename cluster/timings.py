@@ -79,6 +79,8 @@ class ClusterTimings:
     raft_tick_period_s: float = 0.05
     # Least time between two attempts to hand Raft leadership to the coordinator.
     raft_hand_over_interval_s: float = 1.0
+    # A release (a client left) waits this long at most for another command to share its Raft log entry.
+    raft_release_defer_s: float = 0.005
     # -- client requests (node/coordinator.py, node/retry.py) ---------------------------------------------
     # How long a client request may wait for a coordinator and a commit before it is refused (in doubt).
     request_deadline_s: float = 4.0
@@ -162,6 +164,12 @@ class ClusterTimings:
             "raft_leader_fallback_timeout_s > raft_append_entries_period_s",
             "raft_leader_fallback_timeout_s",
             "raft_append_entries_period_s",
+        )
+        self._need(
+            self.raft_release_defer_s < self.commit_timeout_s,
+            "raft_release_defer_s < commit_timeout_s",
+            "raft_release_defer_s",
+            "commit_timeout_s",
         )
         self._need(
             self.commit_timeout_s < self.peer_request_timeout_s <= self.request_deadline_s,

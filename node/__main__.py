@@ -12,16 +12,23 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from cluster.config import ConfigError, load_config
 from cluster.timings import ClusterTimings
+from node import tls
 from node.limits import Limits
+from node.websocket import ORIGINS_ENV
 
 SECRET_ENV = "CHATMESH_SECRET"
 # "coordinator" (default): Raft leadership follows the Fast Bully coordinator; "any": it stays where Raft put it.
 RAFT_LEADER_ENV = "CHATMESH_RAFT_LEADER"
 ADMIN_TOKEN_ENV = "CHATMESH_ADMIN_TOKEN"
+EVENT_LOOP_ENV = "CHATMESH_EVENT_LOOP"
+# asyncio's own loop, or uvloop's (pip install 'chatmesh[uvloop]'; docs/benchmarks.md has what it changes).
+EVENT_LOOPS = ("asyncio", "uvloop")
 
 
 class StartupError(Exception):
@@ -61,7 +68,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FIELD=SECONDS",
         help="override one timing of cluster/timings.py (repeatable; after $CHATMESH_TIMING_<FIELD>)",
     )
+    parser.add_argument(
+        "--event-loop",
+        default=os.environ.get(EVENT_LOOP_ENV) or "asyncio",
+        help=f"{' or '.join(EVENT_LOOPS)} (default ${EVENT_LOOP_ENV}, else asyncio)",
+    )
+    tls.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def loop_runner(name: str) -> Callable[[Coroutine[Any, Any, int]], int]:
+    """What runs the server's coroutine: asyncio.run, or uvloop's equivalent."""
+    if name == "asyncio":
+        return asyncio.run
+    if name != "uvloop":
+        raise StartupError(f"unknown event loop {name!r} (known: {', '.join(EVENT_LOOPS)})")
+    try:
+        import uvloop
+    except ImportError:
+        raise StartupError("event loop uvloop is not installed (pip install 'chatmesh[uvloop]')") from None
+    run: Callable[[Coroutine[Any, Any, int]], int] = uvloop.run
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         token = read_secret(ADMIN_TOKEN_ENV, args.admin_token_file, "admin token", required=False)
         limits = Limits.from_env(os.environ)
         timings = ClusterTimings.from_sources(os.environ, args.timing)
+        tls_options = tls.options_from(args, os.environ)
+        run_loop = loop_runner(args.event_loop)
         raft_leader = os.environ.get(RAFT_LEADER_ENV, "coordinator")
         if raft_leader not in ("coordinator", "any"):
             raise StartupError(f"{RAFT_LEADER_ENV}={raft_leader!r}: expected coordinator or any")
@@ -98,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         admin_loopback_only=args.admin_loopback_only,
         limits=limits,
         timings=timings,
+        tls=tls_options,
+        ws_origins=os.environ.get(ORIGINS_ENV, ""),
         raft_leader_follows_coordinator=raft_leader == "coordinator",
     )
     node = Node(config, args.id, options)
@@ -109,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return await node.run()
 
     try:
-        return asyncio.run(run())
+        return run_loop(run())
     except StartupError as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2

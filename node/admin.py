@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import hmac
 import ipaddress
@@ -27,6 +28,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -106,28 +108,66 @@ def is_loopback(address: str | None) -> bool:
     return ip.is_loopback
 
 
-def admin_url(server: ServerView) -> str:
-    host = f"[{server.host}]" if ":" in server.host else server.host
-    return f"http://{host}:{server.admin_port}"
+@dataclass(frozen=True, slots=True)
+class Schemes:
+    """Which ports of the cluster speak TLS (every server is set up alike): the admin port (https) and the
+    WebSocket port (wss)."""
+
+    admin_tls: bool = False
+    ws_tls: bool = False
+
+    @property
+    def http(self) -> str:
+        return "https" if self.admin_tls else "http"
 
 
-def _origins(snapshot: Snapshot | None) -> set[str]:
-    """Browser origins of the cluster's dashboards: the only ones allowed to read cross-origin."""
+PLAIN = Schemes()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def admin_url(server: ServerView, schemes: Schemes = PLAIN) -> str:
+    return f"{schemes.http}://{_url_host(server.host)}:{server.admin_port}"
+
+
+def ws_url(server: ServerView, schemes: Schemes = PLAIN) -> str:
+    """Where the chat page opens its WebSocket to `server`."""
+    return f"{'wss' if schemes.ws_tls else 'ws'}://{_url_host(server.host)}:{server.ws_port}/"
+
+
+def _origins(snapshot: Snapshot | None, schemes: Schemes = PLAIN) -> set[str]:
+    """Browser origins of the cluster's dashboards and chat pages: the only ones allowed to read
+    cross-origin."""
     if snapshot is None:
         return set()
     origins: set[str] = set()
     for server in snapshot.servers:
-        origins.add(admin_url(server))
+        origins.add(admin_url(server, schemes))
         if is_loopback(server.host):
             # An operator may open a loopback dashboard as localhost.
-            origins.add(f"http://localhost:{server.admin_port}")
+            origins.add(f"{schemes.http}://localhost:{server.admin_port}")
     return origins
+
+
+def _ws_origins(snapshot: Snapshot | None, schemes: Schemes) -> set[str]:
+    """The WebSocket addresses the chat page may connect to (its CSP connect-src)."""
+    if snapshot is None:
+        return set()
+    scheme = "wss" if schemes.ws_tls else "ws"
+    found: set[str] = set()
+    for server in snapshot.servers:
+        found.add(ws_url(server, schemes).rstrip("/"))
+        if is_loopback(server.host):
+            found.add(f"{scheme}://localhost:{server.ws_port}")
+    return found
 
 
 # --- JSON shapes ---------------------------------------------------------------------------------
 
 
-def server_json(server: ServerView, snapshot: Snapshot) -> dict[str, Any]:
+def server_json(server: ServerView, snapshot: Snapshot, schemes: Schemes = PLAIN) -> dict[str, Any]:
     return {
         "server_id": server.server_id,
         "host": server.host,
@@ -140,7 +180,10 @@ def server_json(server: ServerView, snapshot: Snapshot) -> dict[str, Any]:
         "role": server.role,
         "coordinator": server.server_id == snapshot.coordinator,
         "raft_leader": server.server_id == snapshot.raft.leader,
-        "admin_url": admin_url(server),
+        "admin_url": admin_url(server, schemes),
+        "ws_port": server.ws_port,
+        "ws_url": ws_url(server, schemes),
+        "self": server.server_id == snapshot.server_id,
     }
 
 
@@ -168,8 +211,8 @@ def client_json(client: ClientView, snapshot: Snapshot) -> dict[str, Any]:
 
 
 def status_json(snapshot: Snapshot) -> dict[str, Any]:
-    """Issue 4's /status fields, then a few extra ones the dashboard uses."""
-    raft = snapshot.raft
+    """Issue 4's /status fields, then a few extra ones the dashboard uses. The status types serialise
+    themselves (their fields are the schema: node/status.py)."""
     return {
         "server_id": snapshot.server_id,
         "pid": snapshot.pid,
@@ -178,15 +221,8 @@ def status_json(snapshot: Snapshot) -> dict[str, Any]:
         "servers_up": list(snapshot.servers_up),
         "clients": snapshot.local_client_count,
         "rooms": [r.room_id for r in snapshot.local_rooms],
-        "raft": {
-            "leader": raft.leader,
-            "term": raft.term,
-            "commit_index": raft.commit_index,
-            "applied_index": raft.applied_index,
-            "is_leader": raft.is_leader,
-            "quorum": raft.quorum,
-        },
-        "registry": {"identities": snapshot.registry_counts.identities, "rooms": snapshot.registry_counts.rooms},
+        "raft": dataclasses.asdict(snapshot.raft),
+        "registry": dataclasses.asdict(snapshot.registry_counts),
         "serving": snapshot.serving,
         "counters": counters_json(snapshot),
         "taken_at": snapshot.taken_at,
@@ -195,18 +231,10 @@ def status_json(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def counters_json(snapshot: Snapshot) -> dict[str, int]:
-    c = snapshot.counters
-    return {
-        "messages_relayed": c.messages_relayed,
-        "deliveries": c.deliveries,
-        "approvals": c.approvals,
-        "refusals": c.refusals,
-        "elections": c.elections,
-        "kicks": c.kicks,
-    }
+    return dataclasses.asdict(snapshot.counters)
 
 
-def cluster_json(snapshot: Snapshot) -> dict[str, Any]:
+def cluster_json(snapshot: Snapshot, schemes: Schemes = PLAIN) -> dict[str, Any]:
     """Everything the dashboard draws, from this server's point of view, in one request."""
     clients_per_server: dict[str, int] = {}
     for client in snapshot.clients:
@@ -216,8 +244,7 @@ def cluster_json(snapshot: Snapshot) -> dict[str, Any]:
         rooms_per_server[room.server_id] = rooms_per_server.get(room.server_id, 0) + 1
     servers = []
     for server in snapshot.servers:
-        data = server_json(server, snapshot)
-        data["self"] = server.server_id == snapshot.server_id
+        data = server_json(server, snapshot, schemes)
         data["clients"] = clients_per_server.get(server.server_id, 0)
         data["rooms"] = rooms_per_server.get(server.server_id, 0)
         servers.append(data)
@@ -243,7 +270,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def create_app(
-    snapshots: SnapshotBox, actions: AdminActions, token: str | None, loopback_reads_only: bool = False
+    snapshots: SnapshotBox,
+    actions: AdminActions,
+    token: str | None,
+    loopback_reads_only: bool = False,
+    schemes: Schemes = PLAIN,
 ) -> Flask:
     """The admin app of one server. `token` None or blank refuses every write."""
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
@@ -306,7 +337,7 @@ def create_app(
             # Live state: a cached answer is a wrong answer.
             response.headers["Cache-Control"] = "no-store"
             origin = request.headers.get("Origin")
-            if request.method == "GET" and origin and origin in _origins(snapshots.get()):
+            if request.method == "GET" and origin and origin in _origins(snapshots.get(), schemes):
                 # Only the cluster's own dashboards may read cross-origin (to follow other servers).
                 response.headers["Access-Control-Allow-Origin"] = origin
             response.headers.add("Vary", "Origin")
@@ -352,12 +383,12 @@ def create_app(
 
     @app.get("/cluster")
     def cluster() -> Response:
-        return jsonify(cluster_json(current()))
+        return jsonify(cluster_json(current(), schemes))
 
     @app.get("/servers")
     def servers() -> Response:
         snapshot = current()
-        return jsonify({"servers": [server_json(s, snapshot) for s in snapshot.servers]})
+        return jsonify({"servers": [server_json(s, snapshot, schemes) for s in snapshot.servers]})
 
     @app.get("/rooms")
     def rooms() -> Response:
@@ -385,7 +416,19 @@ def create_app(
     @app.get("/")
     def dashboard() -> Response:
         response = send_from_directory(STATIC_DIR, "dashboard.html", max_age=0)
-        connect = " ".join(sorted(_origins(snapshots.get())))
+        connect = " ".join(sorted(_origins(snapshots.get(), schemes)))
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            f"connect-src 'self' {connect}; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+        )
+        return response
+
+    @app.get("/chat")
+    def chat_page() -> Response:
+        """The chat page: it talks WebSocket to the servers' ws ports and reads /servers of any of them."""
+        response = send_from_directory(STATIC_DIR, "chat.html", max_age=0)
+        snapshot = snapshots.get()
+        connect = " ".join(sorted(_origins(snapshot, schemes) | _ws_origins(snapshot, schemes)))
         response.headers["Content-Security-Policy"] = (
             "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
             f"connect-src 'self' {connect}; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"

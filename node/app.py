@@ -12,30 +12,41 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
+import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import flask
 
 from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
-from bully.transport import Transport
+from bully.transport import TcpTransport, Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
-from node.admin import AdminServer, create_app, serve_admin
-from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService
+from node.admin import Schemes, create_app
+from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService, Registry
 from node.limits import Limits
 from node.membership import DeclareDown, MembershipPolicy, MembershipView
 from node.reconcile import Reconciler
 from node.server import ChatServer
-from node.snapshot import build_snapshot
+from node.snapshot import SnapshotBuilder
 from node.stall import LoopMonitor, StallGuard
 from node.status import EventLog, SnapshotBox
+from node.tls import TlsOptions, serve_admin_app
+from node.websocket import listener_for, ws_url
 from registry import state as rs
-from registry.replicated import RaftTimings, RegistryUnavailable, ReplicatedRegistry
+from registry.replicated import RaftStatus, RaftTimings, RegistryDataError, RegistryUnavailable, ReplicatedRegistry
 
 log = logging.getLogger("chatmesh.node")
+
+# Exit status of a server that could not start (a port in use, a data directory locked): as for a bad
+# configuration, the operator must change something before starting it again.
+STARTUP_ERROR_STATUS = 2
 
 # How often the admin snapshot is refreshed (also refreshed on every change).
 SNAPSHOT_INTERVAL_S = 0.25
@@ -73,6 +84,7 @@ def raft_timings(t: ClusterTimings) -> RaftTimings:
         auto_tick_period_s=t.raft_tick_period_s,
         commit_timeout_s=t.commit_timeout_s,
         leader_hand_over_interval_s=t.raft_hand_over_interval_s,
+        release_defer_s=t.raft_release_defer_s,
     )
 
 
@@ -84,9 +96,27 @@ class NodeOptions:
     admin_loopback_only: bool = False
     limits: Limits = field(default_factory=Limits)
     timings: ClusterTimings = field(default_factory=ClusterTimings)
+    tls: TlsOptions = field(default_factory=TlsOptions)
+    ws_origins: str = ""  # extra browser origins allowed on the WebSocket port (CHATMESH_WS_ORIGINS)
     # Hand Raft leadership to the Fast Bully coordinator (one hop less per approval; docs/registry.md has
     # the measurements behind this default). False leaves it wherever Raft elected it.
     raft_leader_follows_coordinator: bool = True
+
+
+class NodeRegistry(Registry, Protocol):
+    """What the node needs of its registry replica: `ReplicatedRegistry`, or the simulation's Raft model."""
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def add_listener(self, callback: Callable[[rs.Command, rs.Result], None]) -> None: ...
+    def is_ready(self) -> bool: ...
+    def has_quorum(self) -> bool: ...
+    def servers_up(self) -> dict[str, int]: ...
+    def prefer_leader(self, server_id: str | None) -> None: ...
+    def leader_is_gone(self, server_id: str, after_s: float = 0.0) -> None: ...
+    def status(self) -> RaftStatus: ...
+    def counts(self) -> dict[str, int]: ...
+    def applied_commands(self) -> int: ...
 
 
 def new_incarnation() -> int:
@@ -95,7 +125,21 @@ def new_incarnation() -> int:
 
 
 class Node:
-    def __init__(self, config: ClusterConfig, server_id: str, options: NodeOptions) -> None:
+    """One server. `registry` and `transport` default to the real ones (PySyncObj, TCP); a simulation passes
+    its own, and `listen=False` keeps the client and admin ports unbound (its clients are handed to
+    `chat.serve_stream` directly). `rng` drives the election's timer jitter (seeded in a simulation)."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        server_id: str,
+        options: NodeOptions,
+        *,
+        registry: NodeRegistry | None = None,
+        transport: Transport | None = None,
+        listen: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.server_id = ServerId(server_id)
         self.me = config.server(server_id)
@@ -104,33 +148,22 @@ class Node:
         self._stop = asyncio.Event()
         self.serving = False
         self.started_at = 0.0
-        self._background: set[asyncio.Task[Any]] = set()
+        # Work started from callbacks (undo, rejoin, stall confirmation, declarations) runs in the serving
+        # TaskGroup, cancelled and awaited at stop; what is asked before it exists waits for it.
+        self._tasks: asyncio.TaskGroup | None = None
+        self._early: list[Coroutine[Any, Any, None]] = []
         self._rejoining = False
         self.events = EventLog()
-        self.snapshot_lists_key: tuple[int, int] | None = None
         self.timings = options.timings
         self._membership_wake = asyncio.Event()
-        self._duties_started = False
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    # -- lifetime ------------------------------------------------------------------------------------
-
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        self.loop = loop
-        self.started_at = loop.time()
-        log.info("%s timings: %s", self.server_id, self.timings.describe())
-        self.loop_monitor = LoopMonitor(self.timings.stall_tick_s)
-        monitor = loop.create_task(self.loop_monitor.run(self._on_loop_tick))
-        await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
-
-        self.registry = ReplicatedRegistry(
-            self.config, self.server_id, self.options.data_dir, self.options.secret, raft_timings(self.timings)
+        self.registry: NodeRegistry = registry or ReplicatedRegistry(
+            config, self.server_id, options.data_dir, options.secret, raft_timings(self.timings)
         )
+        self.transport: Transport = transport or TcpTransport(config, self.server_id, options.secret.encode())
+        self.listen = listen
+        self.rng = rng or random.Random()
+        # The object graph, built here with explicit arguments; run() only starts it.
         self.registry.add_listener(self._on_applied_threadsafe)
-        self.transport = Transport(self.config, self.server_id, self.options.secret.encode())
         self.election = ElectionRuntime(
             self.config,
             self.server_id,
@@ -141,6 +174,7 @@ class Node:
             on_coordinator_change=self._on_coordinator_change,
             on_peer_down=self._on_peer_down,
             on_peer_up=self._on_peer_up,
+            rng=self.rng,
         )
         self.service = CoordinatorService(self.registry, self.election, commit_timeout_s=self.timings.commit_timeout_s)
         self.transport.on_request(REQUEST_KIND, self.service.handle)
@@ -162,25 +196,79 @@ class Node:
             self.me.clients_port,
             self.options.limits,
             stall_guard=self.stall_guard,
+            tls=self.options.tls.clients,
+        )
+        tls = self.options.tls
+        self.websocket = listener_for(
+            self.chat, self.config, self.me, tls.websocket, tls.admin is not None, self.options.ws_origins
         )
         self.snapshots = SnapshotBox()
+        self._duties_started = False
+        self.loop_monitor = LoopMonitor(self.timings.stall_tick_s)
+        self._snapshot_builder = SnapshotBuilder(
+            self.config,
+            self.server_id,
+            self.chat,
+            self.registry,
+            self.election,
+            self.directory,
+            self.events,
+            self.loop_monitor,
+            self.stall_guard,
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.started_at = loop.time()
+        log.info("%s timings: %s", self.server_id, self.timings.describe())
+        # First thing, so a blocking start-up shows in the largest loop gap too; cancelled at the end.
+        monitor = loop.create_task(self.loop_monitor.run(self._on_loop_tick))
+        if self.listen:
+            await asyncio.to_thread(self.options.data_dir.mkdir, parents=True, exist_ok=True)
+
         admin_server = None
         status = 0
+        me = self.me
+        tls = self.options.tls
+        starting: str | None = f"the registry (Raft port {me.host}:{me.raft_port})"
         try:
             await asyncio.to_thread(self.registry.start)
+            starting = f"the coordination listener ({me.host}:{me.coordination_port})"
             await self.transport.start()
             await self.election.start()
-            await self.chat.start()
+            starting = f"the client listener ({me.host}:{me.clients_port})"
+            if self.listen:
+                await self.chat.start()
+                starting = f"the WebSocket listener ({me.host}:{me.ws_port})"
+                await self.websocket.start()
+            else:
+                self.chat.open()
             self.publish_snapshot()
-            admin_server = await asyncio.to_thread(self._start_admin)
+            starting = f"the admin listener ({me.host}:{me.admin_port})"
+            if self.listen:
+                app = await asyncio.to_thread(self._admin_app)
+                admin_server = await serve_admin_app(app, self.me.host, self.me.admin_port, tls.admin)
+            starting = None
             await self._serve()
-        except OSError as exc:
-            log.error("%s cannot start: %s", self.server_id, exc)
-            print(f"chatmesh {self.server_id}: cannot start: {exc}", flush=True)
-            status = 1
+        except (OSError, RegistryDataError) as exc:
+            if starting is None:
+                raise
+            # Start-up errors are configuration or environment errors: one line naming what, exit status 2.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.error("%s cannot start %s: %s", self.server_id, starting, reason)
+            print(f"chatmesh {self.server_id}: cannot start {starting}: {reason}", file=sys.stderr, flush=True)
+            status = STARTUP_ERROR_STATUS
         finally:
             if admin_server is not None:
-                await asyncio.to_thread(admin_server.close)
+                await admin_server.close()
+            with contextlib.suppress(Exception):
+                await self.websocket.close()
             with contextlib.suppress(Exception):
                 await self.chat.close()
             with contextlib.suppress(Exception):
@@ -192,17 +280,23 @@ class Node:
         log.info("%s stopped (largest loop gap %.3fs)", self.server_id, self.loop_monitor.max_gap_s)
         return status
 
-    def _start_admin(self) -> AdminServer:
-        """Build the admin app and bind its port (a worker thread: neither belongs on the loop)."""
-        options = self.options
-        app = create_app(self.snapshots, _AdminActions(self), options.admin_token, options.admin_loopback_only)
-        return serve_admin(app, self.me.host, self.me.admin_port)
+    def _admin_app(self) -> flask.Flask:
+        """Build the admin app (a worker thread: Flask's set-up does not belong on the loop)."""
+        options, tls = self.options, self.options.tls
+        schemes = Schemes(admin_tls=tls.admin is not None, ws_tls=tls.websocket is not None)
+        return create_app(
+            self.snapshots, _AdminActions(self), options.admin_token, options.admin_loopback_only, schemes
+        )
 
     async def _serve(self) -> None:
         """Run the background duties until a stop is requested, then stop cleanly."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._duties_started = True
+                self._tasks = tasks
+                early, self._early = self._early, []
+                for coroutine in early:
+                    tasks.create_task(self._guarded(coroutine))
                 tasks.create_task(self._announce())
                 tasks.create_task(self._reconcile_loop())
                 tasks.create_task(self._membership_loop())
@@ -244,7 +338,9 @@ class Node:
         self.publish_snapshot()
         print(
             f"chatmesh {self.server_id} ready: clients {self.me.host}:{self.me.clients_port}, "
-            f"admin http://{self.me.host}:{self.me.admin_port}/ (pid {os.getpid()})",
+            f"websocket {ws_url(self.me, self.options.tls.websocket is not None)}, "
+            f"admin {'https' if self.options.tls.admin else 'http'}://{self.me.host}:{self.me.admin_port}/ "
+            f"(pid {os.getpid()})",
             flush=True,
         )
 
@@ -287,6 +383,10 @@ class Node:
         self.publish_snapshot()
 
     def _on_applied_threadsafe(self, command: rs.Command, result: rs.Result) -> None:
+        # PySyncObj's thread, for every command the cluster commits. Waking the loop costs a self-pipe
+        # write and a loop turn; only our own requests (in doubt?) and a "server down" naming us matter.
+        if not (self.directory.issued_here(command.request_id) or isinstance(command, rs.ServerDown)):
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed during shutdown
             self.loop.call_soon_threadsafe(self._on_applied, command, result)
 
@@ -363,11 +463,24 @@ class Node:
             await self.directory.release_identity(Identity(command.identity))
         elif isinstance(command, rs.CreateRoom):
             await self.directory.delete_room(RoomId(command.room_id), Identity(command.owner))
+        elif isinstance(command, rs.DeleteRoom):
+            # The owner was told "false", yet the room is gone cluster-wide: keeping it here would let its
+            # members chat in a room another server may now create (a duplicate room).
+            self.chat.room_gone_from_registry(command.room_id)
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = self.loop.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run `coroutine` in the serving TaskGroup (cancelled and awaited at stop, never forgotten)."""
+        if self._tasks is None:
+            self._early.append(coroutine)
+        else:
+            self._tasks.create_task(self._guarded(coroutine))
+
+    async def _guarded(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """A failing piece of background work is logged; it must not stop the whole server."""
+        try:
+            await coroutine
+        except Exception:
+            log.exception("%s: background work failed", self.server_id)
 
     # -- periodic work --------------------------------------------------------------------------------
 
@@ -405,6 +518,7 @@ class Node:
                 heard=self.election.peer_incarnations,
                 registered=self.registry.servers_up(),
                 has_quorum=self.registry.has_quorum(),
+                heard_recently=self.election.servers_heard_within(self.timings.suspect_after_s / 2),
             )
             for decision in policy.decide(view):
                 log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))
@@ -424,7 +538,7 @@ class Node:
             self.publish_snapshot()
 
     def publish_snapshot(self) -> None:
-        self.snapshots.publish(build_snapshot(self, self.snapshots.get()))
+        self.snapshots.publish(self._snapshot_builder.build(self.serving, self.snapshots.get()))
 
 
 class _Stopped(Exception):

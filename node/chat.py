@@ -18,14 +18,16 @@ Session states and what each accepts:
   now belongs to the cluster's in-transit record, not to us. Lines are ignored; closing is not a quit.
 
 Two-phase cluster steps. Whatever the coordinator must approve (claim an identity, create or delete a
-room, begin or complete a move) is emitted as a request effect (`ClaimIdentity`, `CreateRoom`,
-`DeleteRoom`, `BeginMove`, `CompleteMove`); the shell awaits the `Directory` and feeds the answer back with
-`resolve(request, ok)`, which returns the reply and broadcasts. A connection has at most one request in
-flight: its later lines wait in a bounded per-connection queue and run in order once the answer is in,
-because a client's lines are processed in the order it sent them. A peer that closes while a request is in
-flight is treated the same way (its close is queued behind the lines it sent before), whereas a forced
-drop (kick, limits, slow reader) ends the session at once; a late approval for a session that is gone is
-undone (`ReleaseIdentity` / `ReleaseRoom`).
+room, begin or complete a move) is emitted as a request effect (`ClaimIdentityRequest`,
+`CreateRoomRequest`, `DeleteRoomRequest`, `BeginMoveRequest`, `CompleteMoveRequest`: what the core asks
+of the cluster, named apart from the registry commands that carry them out); the shell awaits the
+`Directory` and feeds the answer back with `resolve(request, ok)`, which returns the reply and
+broadcasts. A connection has at most one request in flight: its later lines wait in a bounded
+per-connection queue and run in order once the answer is in, because a client's lines are processed in
+the order it sent them. A peer that closes while a request is in flight is treated the same way (its
+close is queued behind the lines it sent before), whereas a forced drop (kick, limits, slow reader) ends
+the session at once; a late approval for a session that is gone is undone (`ReleaseIdentityRequest` /
+`ReleaseRoom`).
 
 Invariants (`check_invariants`, run by the property tests): every ACTIVE identity is a member of exactly
 one local room and that room is its session's room; every room member is a live ACTIVE session; an owner
@@ -74,7 +76,7 @@ class ClusterView(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Send:
+class Deliver:
     """Write `message` to one connection."""
 
     conn: ConnId
@@ -82,7 +84,7 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
-class Broadcast:
+class Multicast:
     """Write `message` to each of `conns` except `exclude`, in that order. One effect per broadcast (not one
     per receiver) so the shell encodes the line once."""
 
@@ -107,33 +109,33 @@ class LimitExceeded:
 
 
 @dataclass(frozen=True, slots=True)
-class ClaimIdentity:
+class ClaimIdentityRequest:
     conn: ConnId
     identity: Identity
 
 
 @dataclass(frozen=True, slots=True)
-class CompleteMove:
+class CompleteMoveRequest:
     conn: ConnId
     identity: Identity
 
 
 @dataclass(frozen=True, slots=True)
-class CreateRoom:
+class CreateRoomRequest:
     conn: ConnId
     room_id: RoomId
     owner: Identity
 
 
 @dataclass(frozen=True, slots=True)
-class DeleteRoom:
+class DeleteRoomRequest:
     conn: ConnId
     room_id: RoomId
     owner: Identity
 
 
 @dataclass(frozen=True, slots=True)
-class BeginMove:
+class BeginMoveRequest:
     """Mark `identity` in transit to `server_id`; on approval the client is routed to host:port."""
 
     conn: ConnId
@@ -145,7 +147,7 @@ class BeginMove:
 
 
 @dataclass(frozen=True, slots=True)
-class ReleaseIdentity:
+class ReleaseIdentityRequest:
     """Free `identity` and the room it owns in the registry (best effort, no answer expected)."""
 
     identity: Identity
@@ -160,8 +162,9 @@ class ReleaseRoom:
     owner: Identity
 
 
-Request = ClaimIdentity | CompleteMove | CreateRoom | DeleteRoom | BeginMove
-Effect = Send | Broadcast | Close | LimitExceeded | Request | ReleaseIdentity | ReleaseRoom
+Request = ClaimIdentityRequest | CompleteMoveRequest | CreateRoomRequest | DeleteRoomRequest | BeginMoveRequest
+REQUEST_TYPES = (ClaimIdentityRequest, CompleteMoveRequest, CreateRoomRequest, DeleteRoomRequest, BeginMoveRequest)
+Effect = Deliver | Multicast | Close | LimitExceeded | Request | ReleaseIdentityRequest | ReleaseRoom
 
 
 # -- snapshots (immutable, safe to hand to other threads) ---------------------------------------------
@@ -242,7 +245,7 @@ class _Session:
     identity: Identity | None = None
     room: _Room | None = None
     owns: _Room | None = None
-    arrival: tuple[str, str] = ("", "")  # movejoin's (former, roomid) while CompleteMove is in flight
+    arrival: tuple[str, str] = ("", "")  # movejoin's (former, roomid) while CompleteMoveRequest is in flight
     peer_closed: bool = False
     queue: deque[_Item] = field(default_factory=deque)
 
@@ -326,15 +329,15 @@ class ChatCore:
         out: list[Effect] = []
         s = self._sessions.get(request.conn)
         match request:
-            case ClaimIdentity():
+            case ClaimIdentityRequest():
                 self._identity_claimed(s, request, ok, out)
-            case CompleteMove():
+            case CompleteMoveRequest():
                 self._move_completed(s, request, ok, out)
-            case CreateRoom():
+            case CreateRoomRequest():
                 self._room_created(s, request, ok, out)
-            case DeleteRoom():
+            case DeleteRoomRequest():
                 self._room_deleted(s, request, ok, out)
-            case BeginMove():
+            case BeginMoveRequest():
                 self._move_begun(s, request, ok, out)
             case _:
                 assert_never(request)
@@ -343,22 +346,13 @@ class ChatCore:
         return out
 
     def identity_claimed(self, conn: ConnId, identity: str, ok: bool) -> list[Effect]:
-        return self.resolve(self._expect(conn, ClaimIdentity, identity), ok)
-
-    def move_completed(self, conn: ConnId, identity: str, ok: bool) -> list[Effect]:
-        return self.resolve(self._expect(conn, CompleteMove, identity), ok)
+        return self.resolve(self._expect(conn, ClaimIdentityRequest, identity), ok)
 
     def room_created(self, conn: ConnId, room_id: str, ok: bool) -> list[Effect]:
-        return self.resolve(self._expect(conn, CreateRoom, room_id), ok)
-
-    def room_deleted(self, conn: ConnId, room_id: str, ok: bool) -> list[Effect]:
-        return self.resolve(self._expect(conn, DeleteRoom, room_id), ok)
+        return self.resolve(self._expect(conn, CreateRoomRequest, room_id), ok)
 
     def move_begun(self, conn: ConnId, identity: str, ok: bool) -> list[Effect]:
-        return self.resolve(self._expect(conn, BeginMove, identity), ok)
-
-    def pending_request(self, conn: ConnId) -> Request | None:
-        return self._inflight.get(conn)
+        return self.resolve(self._expect(conn, BeginMoveRequest, identity), ok)
 
     # -- operator actions ----------------------------------------------------------------------------
 
@@ -405,16 +399,16 @@ class ChatCore:
         for s in list(self._sessions.values()):
             if s.state is _State.ACTIVE:
                 assert s.identity is not None and s.room is not None
-                out.append(Send(s.conn, wire.roomchange(s.identity, s.room.room_id, "")))
+                out.append(Deliver(s.conn, wire.roomchange(s.identity, s.room.room_id, "")))
                 if release:
-                    out.append(ReleaseIdentity(s.identity))
+                    out.append(ReleaseIdentityRequest(s.identity))
             else:
                 # A login still waiting for the cluster gets its negative answer before the close.
                 match self._inflight.get(s.conn):
-                    case ClaimIdentity():
-                        out.append(Send(s.conn, wire.newidentity_reply(False)))
-                    case CompleteMove():
-                        out.append(Send(s.conn, wire.serverchange(False, self.server_id)))
+                    case ClaimIdentityRequest():
+                        out.append(Deliver(s.conn, wire.newidentity_reply(False)))
+                    case CompleteMoveRequest():
+                        out.append(Deliver(s.conn, wire.serverchange(False, self.server_id)))
             out.append(Close(s.conn))
         self._sessions.clear()
         self._by_identity.clear()
@@ -464,9 +458,7 @@ class ChatCore:
             if s.identity is not None and s.room is not None
         )
         rooms = tuple(RoomSnapshot(r.room_id, r.owner, tuple(r.members)) for r in self._rooms.values())
-        return CoreSnapshot(
-            self.server_id, clients, rooms, len(self._sessions), self.messages_relayed, self.deliveries
-        )
+        return CoreSnapshot(self.server_id, clients, rooms, len(self._sessions), self.messages_relayed, self.deliveries)
 
     def check_invariants(self) -> None:
         """AssertionError if the state is inconsistent (a programmer error)."""
@@ -505,9 +497,9 @@ class ChatCore:
                 case _PeerClosed():
                     self._close(s, out)
                 case _Bad(reason):
-                    out.append(Send(s.conn, wire.error(reason)))
+                    out.append(Deliver(s.conn, wire.error(reason)))
                 case _:
-                    out.append(Send(s.conn, wire.error("send newidentity (or movejoin) first")))
+                    out.append(Deliver(s.conn, wire.error("send newidentity (or movejoin) first")))
         else:
             # ROUTED: the client is on its way to another server; what it still sends here is moot.
             if item is _PEER_CLOSED:
@@ -522,11 +514,11 @@ class ChatCore:
                 receivers = len(room.conns) - 1
                 if receivers > 0:
                     self.deliveries += receivers
-                    out.append(Broadcast(room.conns, wire.message(identity, content), s.conn))
+                    out.append(Multicast(room.conns, wire.message(identity, content), s.conn))
             case wire.List():
-                out.append(Send(s.conn, wire.roomlist(self._room_list())))
+                out.append(Deliver(s.conn, wire.roomlist(self._room_list())))
             case wire.Who():
-                out.append(Send(s.conn, wire.roomcontents(room.room_id, list(room.members), room.owner)))
+                out.append(Deliver(s.conn, wire.roomcontents(room.room_id, list(room.members), room.owner)))
             case wire.JoinRoom(roomid):
                 self._on_joinroom(s, identity, room, roomid, out)
             case wire.CreateRoom(roomid):
@@ -539,7 +531,7 @@ class ChatCore:
                 log.info("%s: %s sent %s on an identified connection; ignored", self.server_id, identity,
                          type(item).__name__.lower())  # fmt: skip
             case _Bad(reason):
-                out.append(Send(s.conn, wire.error(reason)))
+                out.append(Deliver(s.conn, wire.error(reason)))
             case _:
                 assert_never(item)
 
@@ -566,53 +558,53 @@ class ChatCore:
 
     def _on_newidentity(self, s: _Session, identity: str, out: list[Effect]) -> None:
         if not is_valid_name(identity) or not self._name_free_here(identity):
-            out.append(Send(s.conn, wire.newidentity_reply(False)))
+            out.append(Deliver(s.conn, wire.newidentity_reply(False)))
             self._close(s, out)
             return
         self._claiming[Identity(identity)] = s.conn
-        self._request(s, ClaimIdentity(s.conn, Identity(identity)), out)
+        self._request(s, ClaimIdentityRequest(s.conn, Identity(identity)), out)
 
-    def _identity_claimed(self, s: _Session | None, request: ClaimIdentity, ok: bool, out: list[Effect]) -> None:
+    def _identity_claimed(self, s: _Session | None, request: ClaimIdentityRequest, ok: bool, out: list[Effect]) -> None:
         if self._claiming.get(request.identity) == request.conn:
             del self._claiming[request.identity]
         if s is None:
             if ok:  # the client went away while we waited: give the name back
-                out.append(ReleaseIdentity(request.identity))
+                out.append(ReleaseIdentityRequest(request.identity))
             return
         if not ok:
-            out.append(Send(s.conn, wire.newidentity_reply(False)))
+            out.append(Deliver(s.conn, wire.newidentity_reply(False)))
             self._close(s, out)
             return
         self._activate(s, request.identity)
         # Reply first, then the broadcast (protocol.md, newidentity).
-        out.append(Send(s.conn, wire.newidentity_reply(True)))
+        out.append(Deliver(s.conn, wire.newidentity_reply(True)))
         self._enter(s, self.mainhall, "", out)
 
     def _on_movejoin(self, s: _Session, m: wire.MoveJoin, out: list[Effect]) -> None:
         if not is_valid_name(m.identity) or not self._name_free_here(m.identity):
-            out.append(Send(s.conn, wire.serverchange(False, self.server_id)))
+            out.append(Deliver(s.conn, wire.serverchange(False, self.server_id)))
             self._close(s, out)
             return
         s.arrival = (m.former, m.roomid)
         self._claiming[Identity(m.identity)] = s.conn
-        self._request(s, CompleteMove(s.conn, Identity(m.identity)), out)
+        self._request(s, CompleteMoveRequest(s.conn, Identity(m.identity)), out)
 
-    def _move_completed(self, s: _Session | None, request: CompleteMove, ok: bool, out: list[Effect]) -> None:
+    def _move_completed(self, s: _Session | None, request: CompleteMoveRequest, ok: bool, out: list[Effect]) -> None:
         if self._claiming.get(request.identity) == request.conn:
             del self._claiming[request.identity]
         if s is None:
             if ok:
-                out.append(ReleaseIdentity(request.identity))
+                out.append(ReleaseIdentityRequest(request.identity))
             return
         if not ok:
-            out.append(Send(s.conn, wire.serverchange(False, self.server_id)))
+            out.append(Deliver(s.conn, wire.serverchange(False, self.server_id)))
             self._close(s, out)
             return
         former, roomid = s.arrival
         s.arrival = ("", "")
         self._activate(s, request.identity)
         # serverchange first: the Java client reads exactly one line after movejoin.
-        out.append(Send(s.conn, wire.serverchange(True, self.server_id)))
+        out.append(Deliver(s.conn, wire.serverchange(True, self.server_id)))
         self._enter(s, self._rooms.get(RoomId(roomid), self.mainhall), former, out)
 
     def _activate(self, s: _Session, identity: Identity) -> None:
@@ -627,7 +619,7 @@ class ChatCore:
         assert s.identity is not None
         room.add(s.identity, s.conn)
         s.room = room
-        out.append(Broadcast(room.conns, wire.roomchange(s.identity, former, room.room_id)))
+        out.append(Multicast(room.conns, wire.roomchange(s.identity, former, room.room_id)))
 
     # -- list / rooms ----------------------------------------------------------------------------------
 
@@ -665,7 +657,7 @@ class ChatCore:
             target.add(identity, s.conn)
             s.room = target
             # Members of F (remaining), members of R (I included): nobody twice.
-            out.append(Broadcast(room.conns + target.conns, wire.roomchange(identity, room.room_id, roomid)))
+            out.append(Multicast(room.conns + target.conns, wire.roomchange(identity, room.room_id, roomid)))
             return
         info = self._remote_room(roomid)
         if info is None:
@@ -677,15 +669,15 @@ class ChatCore:
             log.warning("%s: no address for server %s of room %s", self.server_id, info.server_id, roomid)
             self._refuse_join(s, out)
             return
-        request = BeginMove(s.conn, identity, info.server_id, RoomId(roomid), address.host, address.clients_port)
+        request = BeginMoveRequest(s.conn, identity, info.server_id, RoomId(roomid), address.host, address.clients_port)
         self._request(s, request, out)
 
     def _refuse_join(self, s: _Session, out: list[Effect]) -> None:
         # former == roomid tells the client "room unchanged"; we name its current room F.
         assert s.identity is not None and s.room is not None
-        out.append(Send(s.conn, wire.roomchange(s.identity, s.room.room_id, s.room.room_id)))
+        out.append(Deliver(s.conn, wire.roomchange(s.identity, s.room.room_id, s.room.room_id)))
 
-    def _move_begun(self, s: _Session | None, request: BeginMove, ok: bool, out: list[Effect]) -> None:
+    def _move_begun(self, s: _Session | None, request: BeginMoveRequest, ok: bool, out: list[Effect]) -> None:
         if s is None or s.state is not _State.ACTIVE:
             return  # dropped meanwhile; its identity was released and an unclaimed transit expires
         if not ok:
@@ -694,9 +686,9 @@ class ChatCore:
         room = s.room
         assert room is not None and s.owns is None
         # Only the route to I (no roomchange before it); then I leaves F for the others.
-        out.append(Send(s.conn, wire.route(request.room_id, request.host, request.port)))
+        out.append(Deliver(s.conn, wire.route(request.room_id, request.host, request.port)))
         room.remove(request.identity)
-        out.append(Broadcast(room.conns, wire.roomchange(request.identity, room.room_id, request.room_id)))
+        out.append(Multicast(room.conns, wire.roomchange(request.identity, room.room_id, request.room_id)))
         del self._by_identity[request.identity]
         s.state = _State.ROUTED
         s.room = None
@@ -717,19 +709,19 @@ class ChatCore:
             or roomid in self._creating
             or self._remote_room(roomid) is not None
         ):
-            out.append(Send(s.conn, wire.createroom_reply(roomid, False)))
+            out.append(Deliver(s.conn, wire.createroom_reply(roomid, False)))
             return
         self._creating.add(RoomId(roomid))
-        self._request(s, CreateRoom(s.conn, RoomId(roomid), identity), out)
+        self._request(s, CreateRoomRequest(s.conn, RoomId(roomid), identity), out)
 
-    def _room_created(self, s: _Session | None, request: CreateRoom, ok: bool, out: list[Effect]) -> None:
+    def _room_created(self, s: _Session | None, request: CreateRoomRequest, ok: bool, out: list[Effect]) -> None:
         self._creating.discard(request.room_id)
         if s is None or s.state is not _State.ACTIVE:
             if ok:  # its owner is gone: the registry must not keep the room
                 out.append(ReleaseRoom(request.room_id, request.owner))
             return
         if not ok:
-            out.append(Send(s.conn, wire.createroom_reply(request.room_id, False)))
+            out.append(Deliver(s.conn, wire.createroom_reply(request.room_id, False)))
             return
         former = s.room
         assert former is not None and s.identity == request.owner and s.owns is None
@@ -737,23 +729,23 @@ class ChatCore:
         self._rooms[room.room_id] = room
         s.owns = room
         # Reply first, then rc(I, F, R) to I and the remaining members of F.
-        out.append(Send(s.conn, wire.createroom_reply(room.room_id, True)))
+        out.append(Deliver(s.conn, wire.createroom_reply(room.room_id, True)))
         former.remove(request.owner)
         room.add(request.owner, s.conn)
         s.room = room
-        out.append(Broadcast(former.conns + room.conns, wire.roomchange(request.owner, former.room_id, room.room_id)))
+        out.append(Multicast(former.conns + room.conns, wire.roomchange(request.owner, former.room_id, room.room_id)))
 
     def _on_deleteroom(self, s: _Session, identity: Identity, roomid: str, out: list[Effect]) -> None:
         room = self._rooms.get(RoomId(roomid))
         if room is None or room is self.mainhall or is_mainhall(roomid) or room.owner != identity:
-            out.append(Send(s.conn, wire.deleteroom_reply(roomid, False)))
+            out.append(Deliver(s.conn, wire.deleteroom_reply(roomid, False)))
             return
-        self._request(s, DeleteRoom(s.conn, room.room_id, identity), out)
+        self._request(s, DeleteRoomRequest(s.conn, room.room_id, identity), out)
 
-    def _room_deleted(self, s: _Session | None, request: DeleteRoom, ok: bool, out: list[Effect]) -> None:
+    def _room_deleted(self, s: _Session | None, request: DeleteRoomRequest, ok: bool, out: list[Effect]) -> None:
         if s is None or s.state is not _State.ACTIVE:
             return  # the owner quit meanwhile: its quit dissolved the room and released it
-        out.append(Send(s.conn, wire.deleteroom_reply(request.room_id, ok)))
+        out.append(Deliver(s.conn, wire.deleteroom_reply(request.room_id, ok)))
         room = self._rooms.get(request.room_id)
         # The room may already be gone (an operator deleted it meanwhile): then there is nobody to move.
         if ok and room is not None and room.owner == request.owner:
@@ -774,7 +766,7 @@ class ChatCore:
             hall.add(identity, conn)
             self._sessions[conn].room = hall
         for identity, _ in moved:
-            out.append(Broadcast(hall.conns, wire.roomchange(identity, room.room_id, hall.room_id)))
+            out.append(Multicast(hall.conns, wire.roomchange(identity, room.room_id, hall.room_id)))
 
     # -- quit ------------------------------------------------------------------------------------------
 
@@ -783,7 +775,7 @@ class ChatCore:
         identity, room = s.identity, s.room
         assert identity is not None and room is not None
         # rc(I, F, "") to I and the other members of F (I is still a member here).
-        out.append(Broadcast(room.conns, wire.roomchange(identity, room.room_id, "")))
+        out.append(Multicast(room.conns, wire.roomchange(identity, room.room_id, "")))
         room.remove(identity)
         del self._by_identity[identity]
         s.room = None
@@ -791,7 +783,7 @@ class ChatCore:
             # An owner cannot leave its room, so it quits from it: dissolve as in deleteroom.
             assert s.owns is room
             self._dissolve(room, out)
-        out.append(ReleaseIdentity(identity))  # releases its room in the same registry command
+        out.append(ReleaseIdentityRequest(identity))  # releases its room in the same registry command
         self._close(s, out)
 
     def _end(self, s: _Session, out: list[Effect]) -> None:

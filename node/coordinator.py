@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
@@ -38,6 +37,7 @@ from node.reconcile import Orphan, find_orphans
 from node.retry import Ask, Finish, RequestRetry, Wait
 from node.status import LatencyRecorder
 from registry import state as rs
+from registry.codec import command_from_wire, command_to_wire
 from registry.replicated import RegistryUnavailable
 
 log = logging.getLogger("chatmesh.coordinator")
@@ -49,44 +49,6 @@ MOVE_TIMEOUT_S = 10.0
 # Bound on the in-doubt set (request ids whose commit outcome is unknown).
 MAX_IN_DOUBT = 10_000
 
-_COMMANDS: dict[str, type[Any]] = {
-    cls.__name__: cls
-    for cls in (
-        rs.ClaimIdentity,
-        rs.ReleaseIdentity,
-        rs.BeginMove,
-        rs.CompleteMove,
-        rs.ExpireMove,
-        rs.CreateRoom,
-        rs.DeleteRoom,
-        rs.ServerUp,
-        rs.ServerDown,
-    )
-}
-
-
-def command_to_wire(command: rs.Command) -> dict[str, Any]:
-    data = dataclasses.asdict(command)
-    data["op"] = type(command).__name__
-    return data
-
-
-def command_from_wire(data: object) -> rs.Command:
-    """Rebuild a registry command from its wire form; ValueError on anything else."""
-    if not isinstance(data, dict):
-        raise ValueError("command is not an object")
-    cls = _COMMANDS.get(data.get("op", ""))
-    if cls is None:
-        raise ValueError(f"unknown command {data.get('op')!r}")
-    names = {f.name: f.type for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in data.items() if k != "op"}
-    if set(kwargs) != set(names):
-        raise ValueError(f"{cls.__name__}: fields {sorted(kwargs)} != {sorted(names)}")
-    for key, value in kwargs.items():
-        if not isinstance(value, str | int | float) and value is not None:
-            raise ValueError(f"{cls.__name__}.{key}: unsupported value")
-    return cls(**kwargs)  # type: ignore[no-any-return]
-
 
 class Registry(Protocol):
     async def submit(self, command: rs.Command, timeout: float) -> rs.Result: ...
@@ -96,14 +58,18 @@ class Registry(Protocol):
     def identities(self) -> list[rs.IdentityEntry]: ...
 
 
-class Election(Protocol):
+class ElectionView(Protocol):
+    """What requests need of the election (named apart from the `bully.messages.Election` message)."""
+
     @property
     def coordinator(self) -> str | None: ...
     @property
     def is_coordinator(self) -> bool: ...
 
 
-class Transport(Protocol):
+class RequestChannel(Protocol):
+    """The one part of `bully.transport.Transport` the directory uses."""
+
     async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]: ...
 
 
@@ -113,7 +79,7 @@ class CoordinatorService:
     def __init__(
         self,
         registry: Registry,
-        election: Election,
+        election: ElectionView,
         on_result: Callable[[bool, float], None] | None = None,
         commit_timeout_s: float = ClusterTimings().commit_timeout_s,
     ):
@@ -165,8 +131,8 @@ class ClusterDirectory:
         self_id: ServerId,
         incarnation: int,
         registry: Registry,
-        election: Election,
-        transport: Transport,
+        election: ElectionView,
+        transport: RequestChannel,
         service: CoordinatorService,
         timings: ClusterTimings | None = None,
     ) -> None:
@@ -193,6 +159,10 @@ class ClusterDirectory:
 
     def next_request_id(self) -> str:
         return f"{self._id_prefix}.{next(self._ids)}"
+
+    def issued_here(self, request_id: str) -> bool:
+        """Whether this directory made `request_id` (any thread: the prefix never changes)."""
+        return request_id.startswith(self._id_prefix + ".")
 
     def coordinator_changed(self) -> None:
         """Called on the loop when the election runtime reports a new coordinator: wakes every waiter."""

@@ -37,8 +37,8 @@ class Directory(Protocol):
         ...
 
     async def release_identity(self, identity: Identity) -> None:
-        """Free `identity` (and the room it owns, in the same command). Best effort, retried in the
-        background until committed; the registry reconciler catches anything that still slips."""
+        """Free `identity` (and the room it owns, in the same command). Best effort: retried until the
+        request deadline; the registry reconciler releases anything that still slips."""
         ...
 
     async def create_room(self, room_id: RoomId, owner: Identity) -> bool:

@@ -14,6 +14,10 @@ policy declares only when its own view can be trusted:
 3. Only once it has heard a majority of the configuration without a break for `grace_s`: a coordinator
    cut off on a minority side sees everyone else silent, and a declaration it queued would commit once
    the partition heals and fence the healthy majority (just after healing, links are still reconnecting).
+   A break is also a moment when fewer than a majority were heard *recently* (`heard_recently`): the
+   failure detector's `alive` lags a cut-off by its whole window, so a coordinator cut off for a little
+   less than that window kept a majority "alive" throughout, and declared the majority-side peer whose
+   silence happened to reach the window just after the heal (found by the cluster simulation).
 4. Only while its registry replica has a Raft quorum.
 5. Never itself, never a server it hears.
 6. An incarnation the detector has never heard (a server that has just announced itself, its links still
@@ -51,6 +55,8 @@ class MembershipView:
     heard: Mapping[str, int]  # the last incarnation heard from each peer ever heard
     registered: Mapping[str, int]  # servers the registry lists as up, with their incarnation
     has_quorum: bool
+    # Servers heard within the last fraction of a failure window, this one included; None: use `alive`.
+    heard_recently: Collection[str] | None = None
 
 
 class MembershipPolicy:
@@ -81,7 +87,8 @@ class MembershipPolicy:
     def decide(self, view: MembershipView) -> list[DeclareDown]:
         """The servers to declare down now, in sorted order."""
         now = view.now
-        if len(view.alive) < self.majority:
+        recent = view.alive if view.heard_recently is None else view.heard_recently
+        if len(view.alive) < self.majority or len(recent) < self.majority:
             self._majority_since = None
         elif self._majority_since is None:
             self._majority_since = now

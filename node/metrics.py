@@ -9,6 +9,7 @@ scrape time: the documented prometheus_client pattern for values owned elsewhere
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -17,21 +18,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from node.status import Snapshot, SnapshotBox
+from node.status import Counters, RaftView, Snapshot, SnapshotBox
 
 PREFIX = "chatmesh_"
 
+
 # Counter name (without _total) -> (Counters field, help text).
-COUNTERS: tuple[tuple[str, str, str], ...] = (
-    ("messages_relayed", "messages_relayed", "Chat messages received from local clients and relayed to their room"),
-    ("deliveries", "deliveries", "Lines queued to client connections"),
-    ("approvals", "approvals", "Identity and room requests approved"),
-    ("refusals", "refusals", "Identity and room requests refused"),
-    ("elections", "elections", "Elections this server started"),
-    ("kicks", "kicks", "Clients disconnected by an operator"),
-)
-
-
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(PREFIX + name, doc, value=value)
 
@@ -80,11 +72,9 @@ class SnapshotCollector(Collector):
             "Longest the event loop was late to its watchdog tick since the process started",
             s.loop_max_gap_s,
         )
-        yield _gauge("raft_term", "Current Raft term of the registry replica", s.raft.term)
-        yield _gauge("raft_commit_index", "Raft commit index of the registry replica", s.raft.commit_index)
-        yield _gauge("raft_applied_index", "Raft index applied to the registry state", s.raft.applied_index)
-        yield _gauge("raft_is_leader", "1 while this server is the Raft leader", int(s.raft.is_leader))
-        yield _gauge("raft_has_quorum", "1 while this replica is connected to a Raft majority", int(s.raft.quorum))
+        for f in dataclasses.fields(RaftView):
+            if "gauge" in f.metadata:
+                yield _gauge(f.metadata["gauge"], f.metadata["help"], float(getattr(s.raft, f.name)))
         peer_up = GaugeMetricFamily(
             PREFIX + "peer_up", "1 while the failure detector sees the peer server up, 0 while down", labels=["peer"]
         )
@@ -94,8 +84,8 @@ class SnapshotCollector(Collector):
         yield peer_up
 
     def _counters(self, s: Snapshot) -> Iterator[Metric]:
-        for name, attribute, doc in COUNTERS:
-            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(s.counters, attribute))
+        for f in dataclasses.fields(Counters):
+            yield CounterMetricFamily(PREFIX + f.name, f.metadata["help"], value=getattr(s.counters, f.name))
 
     def _latency(self, s: Snapshot) -> Metric:
         histogram = s.approval_latency

@@ -1,4 +1,4 @@
-"""The client wire schema (shared/protocol.md): what clients send, and constructors for what we answer.
+"""The client wire schema (docs/protocol.md): what clients send, and constructors for what we answer.
 
 Schema only, no codec: `cluster.framing` turns lines into dicts and dicts into ASCII lines. `from_wire`
 validates a decoded object and returns one frozen dataclass per client message, or raises `ProtocolError`

@@ -9,7 +9,7 @@ buffer to its transport in a single write (a broadcast is encoded once for all i
 whose unsent output (our buffer plus the transport's) exceeds `max_pending_output_bytes` is aborted and
 dropped as an abrupt quit, so a slow reader can neither stall its room nor grow memory.
 
-Cluster requests (`ClaimIdentity`, `CreateRoom`, ...) run as tracked tasks that await the `Directory`
+Cluster requests (`ClaimIdentityRequest`, `CreateRoomRequest`, ...) run as tracked tasks that await the `Directory`
 under a timeout and feed the answer back to the core; registry releases run the same way. Every task
 this server starts is in a set it cancels and awaits on close: nothing is fire-and-forget.
 
@@ -17,8 +17,8 @@ A connection lives in `_conns` from accept until the core emits `Close` for it (
 that can be after its reader task ended (the peer closed while a request was in flight). Connections
 are counted per address and in total from accept to close.
 
-Threads: everything runs on the loop. Other threads read `latest_snapshot` only (an immutable object
-replaced, never mutated).
+Threads: everything runs on the loop, and nothing here is read from another thread: the admin thread
+sees this server only in the node's published snapshot (`node.status.SnapshotBox`).
 """
 
 from __future__ import annotations
@@ -28,33 +28,35 @@ import dataclasses
 import functools
 import itertools
 import logging
+import ssl
 import types
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, assert_never
+from typing import Any, assert_never, cast
 
 from cluster.framing import LineDecoder, LineTooLong, encode
 from cluster.names import Identity, RoomId, ServerId
 from node import protocol as wire
 from node.chat import (
     DELETED,
-    BeginMove,
-    Broadcast,
+    REQUEST_TYPES,
+    BeginMoveRequest,
     ChatCore,
-    ClaimIdentity,
+    ClaimIdentityRequest,
     Close,
-    CompleteMove,
+    CompleteMoveRequest,
     ConnId,
-    CreateRoom,
-    DeleteRoom,
+    CreateRoomRequest,
+    DeleteRoomRequest,
+    Deliver,
     Effect,
     LimitExceeded,
-    ReleaseIdentity,
+    Multicast,
+    ReleaseIdentityRequest,
     ReleaseRoom,
     Request,
     RoomSnapshot,
-    Send,
 )
 from node.directory import Directory
 from node.limits import Limits, RateLimiter, Verdict
@@ -81,6 +83,28 @@ RESERVED_FDS = 64
 UNAVAILABLE = "unavailable"
 
 MetricsHook = Callable[[str, int], None]
+# A client's input: the next complete lines, and after them None or why the client broke the line limit
+# (an over-long line; over WebSocket also a binary or oversized frame); None at end of stream or on a reset.
+LineSource = Callable[[], Awaitable[tuple[list[bytes], str | None] | None]]
+
+
+def _line_source(reader: asyncio.StreamReader, limits: Limits) -> LineSource:
+    """Newline-delimited lines from a TCP stream, each at most `limits.max_line_bytes`."""
+    decoder = LineDecoder(limits.max_line_bytes)
+
+    async def next_lines() -> tuple[list[bytes], str | None] | None:
+        try:
+            data = await reader.read(READ_CHUNK_BYTES)
+        except (ConnectionError, OSError):
+            return None
+        if not data:
+            return None
+        try:
+            return decoder.feed(data), None
+        except LineTooLong as exc:
+            return exc.lines, f"line longer than {limits.max_line_bytes} bytes"  # serve the lines before it
+
+    return next_lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +125,12 @@ class ChatSnapshot:
     messages_relayed: int
     deliveries: int
     counters: Mapping[str, int]  # read-only view of a private copy
+
+
+def write_transport(writer: asyncio.StreamWriter) -> asyncio.WriteTransport:
+    """The writer's transport. uvloop's transports (CHATMESH_EVENT_LOOP=uvloop) are not subclasses of
+    asyncio's classes but offer the same methods, which is all this module uses."""
+    return cast(asyncio.WriteTransport, writer.transport)
 
 
 class _Conn:
@@ -131,8 +161,10 @@ class ChatServer:
         directory_timeout_s: float = DIRECTORY_TIMEOUT_S,
         metrics_hook: MetricsHook | None = None,
         stall_guard: StallGuard | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.server_id = server_id
+        self.tls = tls  # the clients port speaks TLS when given
         self.directory = directory
         self.host = host
         self.port = port  # the bound port once started (useful with port 0)
@@ -170,12 +202,21 @@ class ChatServer:
     # -- lifetime ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.open()
+        self._server = await asyncio.start_server(self._serve_client, self.host, self.port, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("%s: accepting clients on %s:%d", self.server_id, self.host, self.port)
+
+    def open(self) -> None:
+        """Accept connections, on the running loop, without binding a port: `start` binds one; a simulation
+        hands its in-memory connections to `serve_stream`."""
         self._loop = asyncio.get_running_loop()
         self._max_clients = self._clamp_max_clients(self.limits.max_clients)
-        self._server = await asyncio.start_server(self._serve_client, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
         self._accepting = True
-        log.info("%s: accepting clients on %s:%d", self.server_id, self.host, self.port)
+
+    async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one client connection until it ends (run it as its own task)."""
+        await self._serve_client(reader, writer)
 
     @staticmethod
     def _clamp_max_clients(wanted: int) -> int:
@@ -257,6 +298,14 @@ class ChatServer:
         self._apply(effects)
         return DELETED
 
+    def room_gone_from_registry(self, room_id: str) -> None:
+        """The registry deleted `room_id` with no client told so: a deleteroom refused as in doubt that
+        committed after all. The registry is the truth, so the room goes here too, members to MainHall."""
+        result, effects = self.core.operator_delete_room(room_id, release=False)
+        if result == DELETED:
+            log.info("%s: room %s was deleted in the registry after a refused deleteroom", self.server_id, room_id)
+            self._apply(effects)
+
     @property
     def client_count(self) -> int:
         return self.core.client_count
@@ -321,16 +370,21 @@ class ChatServer:
     # -- connections ---------------------------------------------------------------------------------------
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transport = write_transport(writer)
+        await self.serve_connection(transport, writer.get_extra_info("peername"), _line_source(reader, self.limits))
+
+    async def serve_connection(self, transport: asyncio.WriteTransport, peer: object, source: LineSource) -> None:
+        """Serve one client whose input arrives through `source` and whose output goes to `transport` (one
+        JSON line per write call's line): the TCP listener's connections and the WebSocket adapter's
+        (node/websocket.py) alike, so both kinds share sessions, rooms, limits and the core."""
         task = asyncio.current_task()
         assert task is not None
-        transport = writer.transport
-        assert isinstance(transport, asyncio.WriteTransport)
         self._readers[task] = transport  # tracked so close() can end it; start_server does not
         conn: _Conn | None = None
         try:
-            conn = self._accept(writer)
+            conn = self._accept(transport, peer)
             if conn is not None:
-                await self._read_loop(conn, reader)
+                await self._read_loop(conn, source)
         except asyncio.CancelledError:
             # Only close() cancels readers; end quietly, since asyncio 3.11's start_server callback would
             # otherwise log the cancellation as an unhandled error. Nothing awaits this task's result.
@@ -343,10 +397,7 @@ class ChatServer:
         finally:
             del self._readers[task]
 
-    def _accept(self, writer: asyncio.StreamWriter) -> _Conn | None:
-        transport = writer.transport
-        assert isinstance(transport, asyncio.WriteTransport)
-        peer = writer.get_extra_info("peername")
+    def _accept(self, transport: asyncio.WriteTransport, peer: object) -> _Conn | None:
         ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ip
         if not self._accepting:
@@ -384,27 +435,19 @@ class ChatServer:
         self._reject_logged[ip] = now
         log.warning("%s: refused connection from %s: %s", self.server_id, address, reason)
 
-    async def _read_loop(self, conn: _Conn, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(self, conn: _Conn, source: LineSource) -> None:
         assert self._loop is not None
         loop = self._loop
-        decoder = LineDecoder(self.limits.max_line_bytes)
         cid = conn.cid
         core = self.core
         while True:
-            try:
-                data = await reader.read(READ_CHUNK_BYTES)
-            except (ConnectionError, OSError):
-                break
+            batch = await source()
             guard = self.stall_guard
             if guard is not None and not guard.check(loop.time()):
                 await guard.wait_open()  # this server stalled: input waits until it knows it is still live
-            if not data or self._conns.get(cid) is not conn:
+            if batch is None or self._conns.get(cid) is not conn:
                 break
-            too_long = False
-            try:
-                lines = decoder.feed(data)
-            except LineTooLong as exc:
-                lines, too_long = exc.lines, True  # serve what came before the over-long line
+            lines, too_long = batch  # too_long: None, or what broke the line limit
             now = loop.time()
             for line in lines:
                 verdict = conn.limiter.check(now)
@@ -419,8 +462,8 @@ class ChatServer:
                     return
                 if self._conns.get(cid) is not conn:
                     return  # the core closed it (quit, refused newidentity) or it was dropped
-            if too_long:
-                self._violation(conn, "line-too-long", f"line longer than {self.limits.max_line_bytes} bytes")
+            if too_long is not None:
+                self._violation(conn, "line-too-long", too_long)
                 self._drop(cid, "line too long")
                 return
         # End of stream or reset: an abrupt quit, unless the core already closed it.
@@ -469,7 +512,7 @@ class ChatServer:
             # Re-entered from a drop below: effects are already ordered after the current batch.
             self._apply_batch(effects)
             return
-        if not all(type(e) is Broadcast and e.message.get("type") == "message" for e in effects):
+        if not all(type(e) is Multicast and e.message.get("type") == "message" for e in effects):
             self.generation += 1  # anything but chat may have changed sessions or rooms
         self._applying = True
         try:
@@ -516,7 +559,7 @@ class ChatServer:
         conns = self._conns
         release: asyncio.Task[None] | None = None  # the last identity release of this batch
         for effect in effects:
-            if type(effect) is Broadcast:
+            if type(effect) is Multicast:
                 data = encode(effect.message)
                 held = self._held
                 # The core hands out one tuple per room membership, so `is` finds a run to the same room.
@@ -529,7 +572,7 @@ class ChatServer:
                     self._schedule_flush()
                 continue
             self._materialize()
-            if type(effect) is Send:
+            if type(effect) is Deliver:
                 send_to = conns.get(effect.conn)
                 if send_to is not None:
                     self._write_one(send_to, encode(effect.message))
@@ -547,12 +590,12 @@ class ChatServer:
                 limited = conns.get(effect.conn)
                 if limited is not None:
                     self._violation(limited, "queue", effect.reason)
-            elif type(effect) is ReleaseIdentity:
+            elif type(effect) is ReleaseIdentityRequest:
                 release = self._spawn_release(effect.identity)
             elif type(effect) is ReleaseRoom:
                 self._spawn(self._release_room(effect))
             else:
-                assert isinstance(effect, ClaimIdentity | CompleteMove | CreateRoom | DeleteRoom | BeginMove), effect
+                assert isinstance(effect, REQUEST_TYPES), effect
                 self._spawn(self._run_request(effect))
 
     def _write_one(self, conn: _Conn, data: bytes) -> None:
@@ -660,17 +703,17 @@ class ChatServer:
         assert self._loop is not None
         started = self._loop.time()
         match request:
-            case ClaimIdentity(identity=identity):
+            case ClaimIdentityRequest(identity=identity):
                 await self._after_release(identity)
                 ok = await self._bounded("claim_identity", directory.claim_identity(identity))
-            case CompleteMove(identity=identity):
+            case CompleteMoveRequest(identity=identity):
                 await self._after_release(identity)
                 ok = await self._bounded("complete_move", directory.complete_move(identity))
-            case CreateRoom(room_id=room_id, owner=owner):
+            case CreateRoomRequest(room_id=room_id, owner=owner):
                 ok = await self._bounded("create_room", directory.create_room(room_id, owner))
-            case DeleteRoom(room_id=room_id, owner=owner):
+            case DeleteRoomRequest(room_id=room_id, owner=owner):
                 ok = await self._bounded("delete_room", directory.delete_room(room_id, owner))
-            case BeginMove(identity=identity, server_id=to_server):
+            case BeginMoveRequest(identity=identity, server_id=to_server):
                 ok = await self._bounded("begin_move", directory.begin_move(identity, to_server))
             case _:
                 assert_never(request)
@@ -682,7 +725,7 @@ class ChatServer:
             # live; a fenced server has disconnected the client by then instead.
             await guard.wait_open()
         self._apply(self.core.resolve(request, ok))
-        if isinstance(request, BeginMove) and ok and self.core.is_routed(request.conn):
+        if isinstance(request, BeginMoveRequest) and ok and self.core.is_routed(request.conn):
             conn = self._conns.get(request.conn)
             if conn is not None and self._loop is not None:
                 if conn.timer is not None:

@@ -21,8 +21,11 @@ import bisect
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from registry.replicated import RaftStatus
 
 # Upper bounds (seconds) of the approval-latency histogram buckets: a registry commit on loopback takes a
 # few milliseconds, an approval during an election can take seconds before it is refused.
@@ -52,6 +55,7 @@ class ServerView:
     up: bool = False
     # "coordinator", "member", "down" or "starting" (free text, shown as is).
     role: str = ROLE_MEMBER
+    ws_port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +80,32 @@ class ClientView:
 
 @dataclass(frozen=True, slots=True)
 class RaftView:
-    """The Raft (PySyncObj) replica of the registry; `leader` is a server id, not a Raft address."""
+    """The Raft (PySyncObj) replica of the registry; `leader` is a server id, not a Raft address.
+
+    The one description of these fields: `/status` serialises them as they are (`dataclasses.asdict`) and
+    `/metrics` exports every field that names a gauge in its metadata, so a new field is one line here."""
 
     leader: str | None = None
-    term: int = 0
-    commit_index: int = 0
-    applied_index: int = 0
-    is_leader: bool = False
-    quorum: bool = False
+    term: int = field(default=0, metadata={"gauge": "raft_term", "help": "Current Raft term of the registry replica"})
+    commit_index: int = field(
+        default=0, metadata={"gauge": "raft_commit_index", "help": "Raft commit index of the registry replica"}
+    )
+    applied_index: int = field(
+        default=0, metadata={"gauge": "raft_applied_index", "help": "Raft index applied to the registry state"}
+    )
+    is_leader: bool = field(
+        default=False, metadata={"gauge": "raft_is_leader", "help": "1 while this server is the Raft leader"}
+    )
+    quorum: bool = field(
+        default=False,
+        metadata={"gauge": "raft_has_quorum", "help": "1 while this replica is connected to a Raft majority"},
+    )
+
+    @classmethod
+    def of(cls, status: RaftStatus) -> RaftView:
+        """The view of the replica's status: every field of the same name, and `is_leader` from its role."""
+        names = {f.name for f in fields(cls)} - {"is_leader"}
+        return cls(**{name: getattr(status, name) for name in names}, is_leader=status.role == "leader")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +118,17 @@ class RegistryCounts:
 
 @dataclass(frozen=True, slots=True)
 class Counters:
-    """Monotonic counts since this process started (exported as Prometheus counters)."""
+    """Monotonic counts since this process started: `/status` serialises them as they are, `/metrics`
+    exports each as a Prometheus counter of the same name with its `help`."""
 
-    messages_relayed: int = 0  # chat messages received from local clients and relayed to their room
-    deliveries: int = 0  # lines queued to client connections
-    approvals: int = 0  # identity/room requests answered "true"
-    refusals: int = 0  # identity/room requests answered "false"
-    elections: int = 0  # elections this server started
-    kicks: int = 0  # clients disconnected by an operator
+    messages_relayed: int = field(
+        default=0, metadata={"help": "Chat messages received from local clients and relayed to their room"}
+    )
+    deliveries: int = field(default=0, metadata={"help": "Lines queued to client connections"})
+    approvals: int = field(default=0, metadata={"help": "Identity and room requests approved"})
+    refusals: int = field(default=0, metadata={"help": "Identity and room requests refused"})
+    elections: int = field(default=0, metadata={"help": "Elections this server started"})
+    kicks: int = field(default=0, metadata={"help": "Clients disconnected by an operator"})
 
 
 @dataclass(frozen=True, slots=True)

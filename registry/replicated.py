@@ -51,8 +51,9 @@ from pysyncobj.journal import FileJournal
 
 from cluster.config import ClusterConfig, ServerConfig
 from cluster.timings import ClusterTimings
+from registry import raft_wire
 from registry.client import MAX_IN_FLIGHT, CommitBridge, RegistryUnavailable
-from registry.state import Command, IdentityEntry, RegistryState, Result, RoomEntry
+from registry.state import Command, IdentityEntry, RegistryState, ReleaseIdentity, Result, RoomEntry
 
 __all__ = [
     "RaftTimings",
@@ -139,6 +140,10 @@ class RaftTimings:
     # Compact the log (write the full dump, cut the journal) after this many entries or this long.
     log_compaction_min_entries: int = 5000
     log_compaction_min_time_s: float = 300.0
+    # A release (ReleaseIdentity: a client left) waits up to this long for another command to share its log
+    # entry: a user who quits and the next who logs in then cost one commit, not two. Only a quit's close
+    # and a re-login of the same name wait on a release, and no longer than this.
+    release_defer_s: float = _DEFAULTS.raft_release_defer_s
     # Least time between two attempts to hand leadership to the preferred server (the coordinator).
     leader_hand_over_interval_s: float = _DEFAULTS.raft_hand_over_interval_s
     # How long close() waits for PySyncObj's thread to stop.
@@ -153,6 +158,8 @@ class RaftTimings:
             raise ValueError("leader_fallback_timeout_s must exceed append_entries_period_s")
         if self.log_compaction_min_entries < 2 or min(self.commit_timeout_s, self.auto_tick_period_s) <= 0:
             raise ValueError("log_compaction_min_entries >= 2 and positive periods required")
+        if not 0 <= self.release_defer_s < self.commit_timeout_s:
+            raise ValueError("need 0 <= release_defer_s < commit_timeout_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +177,22 @@ class RaftStatus:
     quorum: bool = False
     ready: bool = False
     stuck: bool = False  # the log starts past what was applied: the state cannot be rebuilt
+
+
+@dataclass(frozen=True, slots=True)
+class TickSample:
+    """What PySyncObj's thread reads after each tick; `status()` derives everything else from it, on any
+    thread, without touching PySyncObj's state."""
+
+    leader: Any  # PySyncObj's node object, or None
+    is_leader: bool
+    term: int
+    commit_index: int
+    applied_index: int
+    leader_commit_index: int | None
+    synced: bool
+    noop_index: int | None
+    log_first_index: int | None
 
 
 class RegistryDataError(Exception):
@@ -308,6 +331,9 @@ class ReplicatedRegistry:
         self._log = _RegistryLog(self._lock, self._notify)
         self._bridge = CommitBridge(MAX_IN_FLIGHT)
         self._batch: list[tuple[Command, Callable[[object, int], None]]] = []
+        # Releases waiting (release_defer_s at most) to ride along with the next batch.
+        self._deferred: list[tuple[Command, Callable[[object, int], None]]] = []
+        self._defer_timer: asyncio.TimerHandle | None = None
         self._preferred_leader: ServerConfig | None = None
         self._last_hand_over = 0.0
         self._sync: _SyncObj | None = None
@@ -320,8 +346,8 @@ class ReplicatedRegistry:
         self._last_term_leader: tuple[int, str | None] = (0, None)
         self._partner_nodes: tuple[Any, ...] = ()
         self._lock_file: IO[bytes] | None = None
-        # The last tick's (leader, is_leader, term, commit, applied, leader_commit, synced, noop), see _on_tick.
-        self._tick: tuple[Any, bool, int, int, int, int | None, bool, int | None] | None = None
+        # The last tick's sample, taken on PySyncObj's thread (see _on_tick); replaced whole, never mutated.
+        self._tick: TickSample | None = None
         self._reported_stuck = False
         self._closed = False
 
@@ -400,6 +426,7 @@ class ReplicatedRegistry:
             raise RuntimeError("start() may be called once")
         if self.journal:
             self._check_data_dir()
+        raft_wire.install()  # no deflate per message (registry/raft_wire.py)
         sync = _SyncObj(self.me.raft_address, self._partners, self.sync_conf(), consumers=[self._log])
         sync.outlive(threading.main_thread())
         self._sync = sync
@@ -439,14 +466,32 @@ class ReplicatedRegistry:
         return await self._bridge.commit(functools.partial(self._enqueue, command), timeout)
 
     def _enqueue(self, command: Command, callback: Callable[[object, int], None]) -> None:
-        """Queue `command` for the batch this loop turn sends (on the loop's thread)."""
+        """Queue `command` for the batch this loop turn sends (on the loop's thread); a release waits a little
+        longer for company (`RaftTimings.release_defer_s`)."""
+        defer_s = self.timings.release_defer_s
+        if defer_s > 0 and type(command) is ReleaseIdentity:
+            self._deferred.append((command, callback))
+            if self._defer_timer is None:
+                self._defer_timer = asyncio.get_running_loop().call_later(defer_s, self._end_deferral)
+            return
         self._batch.append((command, callback))
         if len(self._batch) == 1:
             asyncio.get_running_loop().call_soon(self._send_batch)
 
+    def _end_deferral(self) -> None:
+        self._defer_timer = None
+        if self._deferred and not self._batch and not self._closed:
+            self._send_batch()  # (with a batch queued, its own _send_batch is already on its way)
+
     def _send_batch(self) -> None:
         """Hand the commands submitted in one loop turn to PySyncObj as one log entry: one append per follower
         instead of one per command, which is what bounds commits per second under concurrent requests."""
+        if self._deferred:
+            # Submitted earlier, so first in the entry: a name released and claimed again is free in time.
+            self._batch[:0], self._deferred = self._deferred, []
+            if self._defer_timer is not None:
+                self._defer_timer.cancel()
+                self._defer_timer = None
         batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
         if self._batch:
             asyncio.get_running_loop().call_soon(self._send_batch)
@@ -533,7 +578,12 @@ class ReplicatedRegistry:
         sync = self._sync
         if sample is None or sync is None or self._closed:
             return RaftStatus()
-        leader_node, is_leader, term, commit, applied, leader_commit, synced, noop_index = sample
+        leader_node, is_leader, applied, leader_commit = (
+            sample.leader,
+            sample.is_leader,
+            sample.applied_index,
+            sample.leader_commit_index,
+        )
         # Connection flags are single set lookups, atomic under the GIL, so reading them here is safe.
         connected = tuple(sorted(self._server_of[n.id] for n in self._partner_nodes if sync.isNodeConnected(n)))
         if is_leader:
@@ -544,7 +594,7 @@ class ReplicatedRegistry:
             # A follower that lost every connection never times out its leader in PySyncObj (it starts no
             # election while connected to nobody), so being connected to the leader is what tells.
             quorum = leader_node is not None and sync.isNodeConnected(leader_node)
-        first = self.log_first_index()
+        first = sample.log_first_index
         stuck = first is not None and first > applied + 1
         if stuck and not self._reported_stuck:
             self._reported_stuck = True
@@ -555,18 +605,22 @@ class ReplicatedRegistry:
                 applied,
             )
         ready = (
-            synced and not stuck and leader_node is not None and leader_commit is not None and applied >= leader_commit
+            sample.synced
+            and not stuck
+            and leader_node is not None
+            and leader_commit is not None
+            and applied >= leader_commit
         )
         if is_leader:
             # A new leader knows what is committed only once an entry of its own term is (Raft section 8): its
             # commit index, restored from the journal's meta file, may lag by up to a second after a restart.
-            ready = ready and noop_index is not None and applied >= noop_index
+            ready = ready and sample.noop_index is not None and applied >= sample.noop_index
         return RaftStatus(
             started=True,
             role=role,
             leader=self._server_of.get(leader_node.id, leader_node.id) if leader_node is not None else None,
-            term=term,
-            commit_index=commit,
+            term=sample.term,
+            commit_index=sample.commit_index,
             applied_index=applied,
             leader_commit_index=leader_commit,
             partners_connected=connected,
@@ -591,33 +645,34 @@ class ReplicatedRegistry:
             self._sync.forceLogCompaction()
 
     def log_first_index(self) -> int | None:
-        """Index of the first entry still in the Raft log (grows after compaction)."""
-        sync = self._sync
-        if sync is None:
-            return None
-        # PySyncObj keeps the log private; this read is in the same (pinned) version as everything else.
-        raft_log = getattr(sync, "_SyncObj__raftLog", None)
-        return int(raft_log[0][1]) if raft_log is not None and len(raft_log) else None
+        """Index of the first entry still in the Raft log (grows after compaction), as of the last tick."""
+        sample = self._tick
+        return None if sample is None else sample.log_first_index
 
     def _on_tick(self) -> None:
         """PySyncObj's thread, after each tick applied what was committed: sample what status() derives.
 
-        Kept to a few attribute reads: it runs a couple of times per commit on every node."""
+        Only here may the log be read: compaction clears and refills it on this thread, so a read from the
+        event loop (a length, then the first entry) could see it empty in between. Kept to a few attribute
+        reads: it runs a couple of times per commit on every node."""
         sync = self._sync
         if sync is None:
             return
-        self._tick = (
-            sync._getLeader(),
-            sync._isLeader(),
-            sync.raftCurrentTerm,
-            sync.raftCommitIndex,
-            sync.raftLastApplied,
-            # PySyncObj keeps the leader's commit index private (pinned version, as everything else here).
-            getattr(sync, "_SyncObj__leaderCommitIndex", None),
-            sync.isReady(),
-            getattr(sync, "_SyncObj__noopIDx", None),
+        # PySyncObj keeps the log, the leader's commit index and the no-op index private (pinned version).
+        raft_log = getattr(sync, "_SyncObj__raftLog", None)
+        sample = TickSample(
+            leader=sync._getLeader(),
+            is_leader=sync._isLeader(),
+            term=sync.raftCurrentTerm,
+            commit_index=sync.raftCommitIndex,
+            applied_index=sync.raftLastApplied,
+            leader_commit_index=getattr(sync, "_SyncObj__leaderCommitIndex", None),
+            synced=sync.isReady(),
+            noop_index=getattr(sync, "_SyncObj__noopIDx", None),
+            log_first_index=int(raft_log[0][1]) if raft_log is not None and len(raft_log) else None,
         )
-        term, leader_id = self._tick[2], getattr(self._tick[0], "id", None)
+        self._tick = sample
+        term, leader_id = sample.term, getattr(sample.leader, "id", None)
         if (term, leader_id) != self._last_term_leader:
             if term != self._last_term_leader[0]:
                 self.raft_terms_seen += 1
@@ -630,7 +685,7 @@ class ReplicatedRegistry:
                 self.server_id,
                 term,
                 self._server_of.get(leader_id, leader_id) if leader_id else None,
-                " (this server)" if self._tick[1] else "",
+                " (this server)" if sample.is_leader else "",
             )
         now = time.monotonic()
         if now - self._last_keepalive >= self.timings.connection_timeout_s / 4:
@@ -640,14 +695,14 @@ class ReplicatedRegistry:
         if pending is not None and now >= pending[1]:
             self._elect_against = None
             against = pending[0]
-            leader = self._tick[0]
-            if not self._tick[1] and (leader is None or leader.id == against):
+            leader = sample.leader
+            if not sample.is_leader and (leader is None or leader.id == against):
                 log.info("%s: Raft leader %s is gone: starting a Raft election now", self.server_id, against)
                 self.fast_elections += 1
                 sync.elect_now()
                 sync.wake()
         preferred = self._preferred_leader
-        if preferred is not None and self._tick[1]:
+        if preferred is not None and sample.is_leader:
             self._hand_over(sync, preferred)
 
     def leader_is_gone(self, server_id: str, after_s: float = 0.0) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bully.runtime import ElectionRuntime  # noqa: E402
-from bully.transport import Transport  # noqa: E402
+from bully.transport import TcpTransport  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 
 
@@ -35,7 +35,7 @@ async def main() -> int:
     config = load_config(args.config)
     loop = asyncio.get_running_loop()
     ready_at = loop.time() + args.ready_after
-    transport = Transport(config, args.id, os.environ["CHATMESH_SECRET"].encode())
+    transport = TcpTransport(config, args.id, os.environ["CHATMESH_SECRET"].encode())
     runtime: ElectionRuntime
 
     def report(coordinator: str | None) -> None:

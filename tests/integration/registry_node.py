@@ -35,26 +35,12 @@ if __name__ == "__main__":  # run as a script: make the repository importable
 
 from cluster.config import ClusterConfig, load_config
 from registry import state as rs
+from registry.codec import command_from_wire, command_to_wire
 from registry.replicated import RaftTimings, RegistryUnavailable, ReplicatedRegistry
 
 SECRET_ENV = "CHATMESH_SECRET"
 # Bound on one control line, like every other line this project reads.
 MAX_CONTROL_LINE_BYTES = 1 << 20
-
-_COMMANDS = {cls.__name__: cls for cls in rs.COMMAND_TYPES}
-
-
-def command_to_wire(command: rs.Command) -> dict[str, Any]:
-    data = dataclasses.asdict(command)
-    data["op"] = type(command).__name__
-    return data
-
-
-def command_from_wire(data: dict[str, Any]) -> rs.Command:
-    fields = dict(data)
-    cls = _COMMANDS[fields.pop("op")]
-    return cls(**fields)  # type: ignore[no-any-return]
-
 
 def result_to_wire(result: rs.Result) -> dict[str, Any]:
     return dataclasses.asdict(result)

@@ -1,6 +1,6 @@
 """The client process (`python -m client --batch`) over real sockets against a small fake cluster.
 
-The fake servers implement just enough of shared/protocol.md (one asyncio loop in a thread, a shared dict for
+The fake servers implement just enough of docs/protocol.md (one asyncio loop in a thread, a shared dict for
 the "registry") to exercise the client's shell: login, every command, a route to another server, a server
 killed under a client, and an identity held for a while before the cluster releases it. The same client
 behaviours are checked against the real servers in test_client_cluster.py.

@@ -1,4 +1,4 @@
-"""Conformance of a real 3-server cluster to the client protocol (shared/protocol.md), over TCP.
+"""Conformance of a real 3-server cluster to the client protocol (docs/protocol.md), over TCP.
 
 Every message type and its reply, every refusal, every broadcast and exactly its receivers, the orderings the
 spec fixes, remote joins in both directions, owner quit, abrupt disconnect, identity reuse, bad input, and

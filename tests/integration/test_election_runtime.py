@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
-from bully.transport import Transport
+from bully.transport import TcpTransport
 from cluster.config import ClusterConfig, load_config
 from tests.support import write_config
 
@@ -37,7 +37,7 @@ class Server:
     """One server's transport + runtime, with every callback recorded."""
 
     def __init__(self, config: ClusterConfig, server_id: str, incarnation: int, can_lead: bool = True) -> None:
-        self.transport = Transport(config, server_id, SECRET)
+        self.transport = TcpTransport(config, server_id, SECRET)
         self.lead = can_lead
         self.changes: list[str | None] = []
         self.downs: list[tuple[str, int]] = []
@@ -83,7 +83,6 @@ def test_runtimes_in_one_loop_elect_fail_over_and_report_membership(tmp_path: Pa
             await eventually(lambda: ("s3", 100) in servers["s1"].downs, what="s3 down at s1")
             assert s1.servers_up == {"s1", "s2"}
             assert servers["s1"].changes[-1] == "s2"
-            assert any("s3 down" in text for _, text in s1.recent_events)
 
             # It restarts as a new incarnation whose registry is not ready: it must not take over yet.
             servers["s3"] = await Server(config, "s3", incarnation=200, can_lead=False).start()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bully.transport import RequestFailed, Transport, seal, unseal
+from bully.transport import RequestFailed, TcpTransport, seal, unseal
 from cluster.config import ClusterConfig, load_config
 from cluster.framing import LineDecoder
 from tests.support import write_config
@@ -44,8 +44,8 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: 
         await asyncio.sleep(0.01)
 
 
-async def started(config: ClusterConfig, *ids: str, secret: bytes = SECRET) -> list[Transport]:
-    transports = [Transport(config, i, secret) for i in ids]
+async def started(config: ClusterConfig, *ids: str, secret: bytes = SECRET) -> list[TcpTransport]:
+    transports = [TcpTransport(config, i, secret) for i in ids]
     for t in transports:
         await t.start()
     return transports
@@ -292,7 +292,7 @@ def test_the_queue_to_an_unreachable_peer_is_bounded(tmp_path: Path) -> None:
     config = cluster(tmp_path)
 
     async def main() -> None:
-        a = Transport(config, "s1", SECRET, max_queue=10)
+        a = TcpTransport(config, "s1", SECRET, max_queue=10)
         await a.start()
         try:
             for i in range(25):

@@ -312,3 +312,30 @@ def test_raft_leadership_moves_to_the_preferred_server(tmp_path: Path, registrie
         return await leader.submit(rs.ServerUp("u", "s1", 1), 2.0)
 
     assert asyncio.run(commit()).ok  # the old leader still commits, through the new one
+
+
+def test_a_release_waits_for_the_next_command_and_shares_its_log_entry(tmp_path: Path, registries) -> None:
+    registry = ReplicatedRegistry(make_config(tmp_path, 1), "s1", tmp_path / "d", SECRET)
+    start(registries, registry)
+    wait_for(lambda: registry.is_ready() and registry.has_quorum())
+    defer_s = registry.timings.release_defer_s
+
+    async def scenario() -> tuple[int, float, list[rs.Result]]:
+        await registry.submit(rs.ServerUp("u", "s1", 1), 2.0)
+        await registry.submit(rs.ClaimIdentity("c1", "ana", "s1", 1), 2.0)
+        before = registry.raft_status()["commit_index"]
+        release = asyncio.ensure_future(registry.submit(rs.ReleaseIdentity("r1", "ana", "s1", 1), 2.0))
+        await asyncio.sleep(defer_s / 5)  # the next user logs in meanwhile, under the released name
+        claim = asyncio.ensure_future(registry.submit(rs.ClaimIdentity("c2", "ana", "s1", 1), 2.0))
+        results = list(await asyncio.gather(release, claim))
+        await asyncio.sleep(0.2)  # the status sample is taken after PySyncObj's next tick
+        shared = registry.raft_status()["commit_index"] - before
+        # A release with nobody after it still goes out once its wait is over.
+        started = asyncio.get_running_loop().time()
+        alone = await registry.submit(rs.ReleaseIdentity("r2", "ana", "s1", 1), 2.0)
+        return shared, asyncio.get_running_loop().time() - started, [*results, alone]
+
+    shared, alone_s, results = asyncio.run(scenario())
+    assert [r.ok for r in results] == [True, True, True]  # released first, so claimed again, then released
+    assert shared == 1, f"the release and the next claim took {shared} log entries"
+    assert defer_s <= alone_s < 1.0

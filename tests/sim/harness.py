@@ -1,7 +1,8 @@
-"""A deterministic whole-cluster simulation of the election cores (TigerBeetle-style).
+"""A deterministic whole-cluster simulation of the election (TigerBeetle-style).
 
-N servers run the real `FastBully` (or the classic Bully reference) and the real `FailureDetector` over an
-in-memory network with a fake clock that jumps from event to event. The network has per-link FIFO order
+N servers each run the production `bully.node.ElectionNode` (the `FastBully` core, or the classic Bully
+reference, with the real `FailureDetector` and heartbeat schedule, wired exactly as `ElectionRuntime` runs
+them) over an in-memory network with a fake clock that jumps from event to event. The network has per-link FIFO order
 (TCP), a random delay per message, optional loss, partitions into groups, and servers can crash, restart
 (a new incarnation with fresh state, its registry "not ready" for a while) and pause (SIGSTOP: nothing runs,
 messages queue up, then it all arrives at once).
@@ -25,36 +26,25 @@ import hashlib
 import heapq
 import random
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from bully.election import Broadcast, CoordinatorChanged, Effect, ElectionTimings, FastBully, Send
-from bully.failure_detector import FailureDetector, PeerDown, PeerUp
+from bully.election import ElectionTimings, FastBully
 from bully.messages import Coordinator, Heartbeat, Message, from_wire, to_wire
+from bully.node import (
+    Broadcast,
+    CoordinatorChanged,
+    CoreFactory,
+    ElectionCore,
+    ElectionNode,
+    Output,
+    PeerDown,
+    PeerUp,
+    Send,
+)
 
 INF = float("inf")
 
-
-class ElectionCore(Protocol):
-    elections_started: int
-
-    @property
-    def coordinator(self) -> str | None: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def epoch(self) -> int: ...
-    def start(self, now: float) -> list[Effect]: ...
-    def receive(self, sender: str, message: Message, now: float) -> list[Effect]: ...
-    def on_deadline(self, now: float) -> list[Effect]: ...
-    def next_deadline(self) -> float | None: ...
-    def peer_failed(self, peer: str, now: float) -> list[Effect]: ...
-    def peer_recovered(self, peer: str, now: float) -> list[Effect]: ...
-    def start_election(self, now: float) -> list[Effect]: ...
-
-
-CoreFactory = Callable[[str, dict[str, int], ElectionTimings, Callable[[], bool], random.Random], ElectionCore]
+__all__ = ["CoreFactory", "ElectionCore", "Simulation", "SimulationFailure"]
 
 
 class SimulationFailure(AssertionError):
@@ -65,16 +55,18 @@ class SimulationFailure(AssertionError):
 class SimServer:
     server_id: str
     priority: int
-    core: ElectionCore
-    detector: FailureDetector
+    node: ElectionNode
     incarnation: int
-    next_heartbeat: float
     ready_at: float = 0.0
     alive: bool = True
     paused: bool = False
     last_epoch: int = 0
     backlog: list[tuple[str, Message]] = field(default_factory=list)
     coordinator_changes: int = 0
+
+    @property
+    def core(self) -> ElectionCore:
+        return self.node.core
 
 
 @dataclass(order=True)
@@ -141,24 +133,19 @@ class Simulation:
         assert old is None or not old.alive, f"{server_id} is running"
         incarnation = 1 if old is None else old.incarnation + 1
         core_rng = random.Random(self.rng.getrandbits(64))
-        core = self.factory(server_id, dict(self.priorities), self.timings, lambda: self.can_lead(server_id), core_rng)
-        detector = FailureDetector(
-            [p for p in self.ids if p != server_id],
-            self.timings.heartbeat_interval_s,
-            self.timings.suspect_after_s,
-        )
-        server = SimServer(
+        node = ElectionNode(
             server_id,
-            self.priorities[server_id],
-            core,
-            detector,
+            self.priorities,
+            self.timings,
+            lambda: self.can_lead(server_id),
+            core_rng,
             incarnation,
-            next_heartbeat=self.now,
-            ready_at=self.now + ready_after_s,
+            core_factory=self.factory,
         )
+        server = SimServer(server_id, self.priorities[server_id], node, incarnation, ready_at=self.now + ready_after_s)
         self.servers[server_id] = server
         self._disrupt(f"boot {server_id} (incarnation {incarnation}, ready after {ready_after_s:.2f}s)")
-        self._apply(server, core.start(self.now))
+        self._apply(server, node.start(self.now))
 
     def boot_all(self, spread_s: float = 0.3) -> None:
         """Start every server at a random moment within `spread_s` (the order is random too)."""
@@ -206,7 +193,7 @@ class Simulation:
     def start_election(self, server_id: str) -> None:
         server = self.servers[server_id]
         self._disrupt(f"admin election at {server_id}")
-        self._apply(server, server.core.start_election(self.now))
+        self._apply(server, server.node.start_election(self.now))
 
     def set_ready(self, server_id: str, ready_after_s: float) -> None:
         self.servers[server_id].ready_at = self.now + ready_after_s
@@ -283,25 +270,11 @@ class Simulation:
         self.run_until(self.now + seconds)
 
     def _next_wake(self, server: SimServer) -> float:
-        at = server.next_heartbeat
-        for deadline in (server.core.next_deadline(), server.detector.next_deadline()):
-            if deadline is not None and deadline < at:
-                at = deadline
-        return max(at, self.now)
+        at = server.node.next_deadline()
+        return INF if at is None else max(at, self.now)
 
     def _fire_timers(self, server: SimServer) -> None:
-        now = self.now
-        interval = self.timings.heartbeat_interval_s
-        if now >= server.next_heartbeat:
-            server.next_heartbeat += interval
-            if server.next_heartbeat <= now:
-                server.next_heartbeat = now + interval
-            beat = Heartbeat(server.server_id, server.core.epoch, server.incarnation, server.core.coordinator)
-            for peer in self.ids:
-                if peer != server.server_id:
-                    self._send(server, peer, beat)
-        self._detector_events(server)
-        self._apply(server, server.core.on_deadline(now))
+        self._apply(server, server.node.on_deadline(self.now))
 
     def _arrive(self, flight: _InFlight) -> None:
         server = self.servers[flight.dst]
@@ -315,26 +288,13 @@ class Simulation:
         self._deliver(server, flight.src, flight.message)
 
     def _deliver(self, server: SimServer, src: str, message: Message) -> None:
-        if isinstance(message, Heartbeat):
-            server.detector.heard(src, message.incarnation, self.now)
-        else:
+        if not isinstance(message, Heartbeat):
             self._log(f"{src}->{server.server_id} {_describe(message)}")
-        self._detector_events(server)
-        self._apply(server, server.core.receive(src, message, self.now))
+        self._apply(server, server.node.receive(src, message, self.now))
 
-    def _detector_events(self, server: SimServer) -> None:
-        for event in server.detector.check(self.now):
-            match event:
-                case PeerDown(peer, incarnation):
-                    self._log(f"{server.server_id} detects {peer} down (incarnation {incarnation})")
-                    self._apply(server, server.core.peer_failed(peer, self.now))
-                case PeerUp(peer, incarnation):
-                    self._log(f"{server.server_id} hears {peer} up (incarnation {incarnation})")
-                    self._apply(server, server.core.peer_recovered(peer, self.now))
-
-    def _apply(self, server: SimServer, effects: list[Effect]) -> None:
-        for effect in effects:
-            match effect:
+    def _apply(self, server: SimServer, outputs: list[Output]) -> None:
+        for output in outputs:
+            match output:
                 case Send(to, message):
                     self._check_gating(server, message)
                     self._count(message)
@@ -348,6 +308,10 @@ class Simulation:
                 case CoordinatorChanged(coordinator):
                     server.coordinator_changes += 1
                     self._log(f"{server.server_id} follows {coordinator} (epoch {server.core.epoch})")
+                case PeerDown(peer, incarnation):
+                    self._log(f"{server.server_id} detects {peer} down (incarnation {incarnation})")
+                case PeerUp(peer, incarnation):
+                    self._log(f"{server.server_id} hears {peer} up (incarnation {incarnation})")
 
     def _send(self, server: SimServer, to: str, message: Message) -> None:
         if isinstance(message, Heartbeat):

@@ -1,4 +1,4 @@
-"""ChatCore against shared/protocol.md, one test per rule, asserting exact effect sequences."""
+"""ChatCore against docs/protocol.md, one test per rule, asserting exact effect sequences."""
 
 from __future__ import annotations
 
@@ -10,20 +10,21 @@ from node.chat import (
     NOT_FOUND,
     NOT_LOCAL,
     REFUSED_MAINHALL,
-    BeginMove,
-    Broadcast,
-    ClaimIdentity,
+    REQUEST_TYPES,
+    BeginMoveRequest,
+    ClaimIdentityRequest,
     Close,
-    CompleteMove,
+    CompleteMoveRequest,
     ConnId,
-    CreateRoom,
-    DeleteRoom,
+    CreateRoomRequest,
+    DeleteRoomRequest,
+    Deliver,
     Effect,
     LimitExceeded,
-    ReleaseIdentity,
+    Multicast,
+    ReleaseIdentityRequest,
     ReleaseRoom,
     Request,
-    Send,
 )
 from tests.unit.test_chat_support import MAIN, Driver, deliveries, others, rc
 
@@ -38,12 +39,12 @@ def d() -> Driver:
 
 def only_request(effects: list[Effect]) -> Request:
     [only] = effects
-    assert isinstance(only, ClaimIdentity | CompleteMove | CreateRoom | DeleteRoom | BeginMove), effects
+    assert isinstance(only, REQUEST_TYPES), effects
     return only
 
 
 def error_reply(effects: list) -> bool:
-    return len(effects) == 1 and isinstance(effects[0], Send) and effects[0].message["type"] == "error"
+    return len(effects) == 1 and isinstance(effects[0], Deliver) and effects[0].message["type"] == "error"
 
 
 # -- framing and bad input --------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def test_bad_input_gets_an_error_line_and_the_session_goes_on(d: Driver, line: b
     a = d.login("Alice")
     effects = d.raw(a, line)
     assert error_reply(effects), effects
-    assert isinstance(effects[0], Send) and isinstance(effects[0].message["reason"], str)
+    assert isinstance(effects[0], Deliver) and isinstance(effects[0].message["reason"], str)
     assert d.core.is_identified(a)
     assert deliveries(d.send(a, {"type": "who"}))[0][1]["type"] == "roomcontents"
 
@@ -105,16 +106,16 @@ def test_newidentity_valid_and_unused_reply_first_then_rc_to_every_member_of_mai
     b = d.login("Bob")
     c = d.connect()
     effects = d.send(c, {"type": "newidentity", "identity": "Carol"})
-    assert others(effects) == [ClaimIdentity(c, Identity("Carol"))]
+    assert others(effects) == [ClaimIdentityRequest(c, Identity("Carol"))]
     joined = rc("Carol", "", MAIN)
     assert deliveries(effects) == [(c, APPROVED), (a, joined), (b, joined), (c, joined)]
-    assert effects[0] == ClaimIdentity(c, Identity("Carol"))  # nothing is sent before the approval
+    assert effects[0] == ClaimIdentityRequest(c, Identity("Carol"))  # nothing is sent before the approval
 
 
 def test_newidentity_waits_for_the_coordinator_before_answering(d: Driver) -> None:
     d.auto = False
     c = d.connect()
-    assert d.send(c, {"type": "newidentity", "identity": "Alice"}) == [ClaimIdentity(c, Identity("Alice"))]
+    assert d.send(c, {"type": "newidentity", "identity": "Alice"}) == [ClaimIdentityRequest(c, Identity("Alice"))]
     assert "Alice" in d.core.local_identities()  # being approved counts as held, for the reconciler
     effects = d.core.identity_claimed(c, "Alice", True)
     assert deliveries(effects) == [(c, APPROVED), (c, rc("Alice", "", MAIN))]
@@ -124,7 +125,7 @@ def test_newidentity_waits_for_the_coordinator_before_answering(d: Driver) -> No
 def test_newidentity_invalid_is_refused_then_closed_without_asking_the_coordinator(d: Driver, name: str) -> None:
     c = d.connect()
     effects = d.send(c, {"type": "newidentity", "identity": name})
-    assert effects == [Send(c, REFUSED), Close(c)]
+    assert effects == [Deliver(c, REFUSED), Close(c)]
 
 
 @pytest.mark.parametrize("name", ["abc", "A" * 16, "x1Y2z3"])
@@ -135,7 +136,7 @@ def test_newidentity_name_rules_accept_3_to_16_letters_and_digits_starting_with_
 def test_newidentity_taken_on_this_server_is_refused_then_closed(d: Driver) -> None:
     d.login("Alice")
     c = d.connect()
-    assert d.send(c, {"type": "newidentity", "identity": "Alice"}) == [Send(c, REFUSED), Close(c)]
+    assert d.send(c, {"type": "newidentity", "identity": "Alice"}) == [Deliver(c, REFUSED), Close(c)]
 
 
 def test_newidentity_names_are_case_sensitive(d: Driver) -> None:
@@ -148,14 +149,14 @@ def test_newidentity_being_approved_counts_as_taken(d: Driver) -> None:
     first = d.connect()
     d.send(first, {"type": "newidentity", "identity": "Alice"})
     second = d.connect()
-    assert d.send(second, {"type": "newidentity", "identity": "Alice"}) == [Send(second, REFUSED), Close(second)]
+    assert d.send(second, {"type": "newidentity", "identity": "Alice"}) == [Deliver(second, REFUSED), Close(second)]
 
 
 def test_newidentity_taken_elsewhere_is_refused_then_closed(d: Driver) -> None:
     d.refuse.add("Alice")
     c = d.connect()
     effects = d.send(c, {"type": "newidentity", "identity": "Alice"})
-    assert effects == [ClaimIdentity(c, Identity("Alice")), Send(c, REFUSED), Close(c)]
+    assert effects == [ClaimIdentityRequest(c, Identity("Alice")), Deliver(c, REFUSED), Close(c)]
     assert d.core.local_identities() == []
 
 
@@ -223,7 +224,7 @@ def test_createroom_accepted_reply_first_then_rc_to_I_and_the_remaining_members_
     a = d.login("Alice")
     b = d.login("Bob")
     effects = d.send(a, {"type": "createroom", "roomid": "Den"})
-    assert others(effects) == [CreateRoom(a, RoomId("Den"), Identity("Alice"))]
+    assert others(effects) == [CreateRoomRequest(a, RoomId("Den"), Identity("Alice"))]
     moved = rc("Alice", MAIN, "Den")
     assert deliveries(effects) == [
         (a, {"type": "createroom", "roomid": "Den", "approved": "true"}),
@@ -237,7 +238,7 @@ def test_createroom_accepted_reply_first_then_rc_to_I_and_the_remaining_members_
 def test_createroom_refused_when_R_is_not_a_valid_name(d: Driver, room: str) -> None:
     a = d.login("Alice")
     assert d.send(a, {"type": "createroom", "roomid": room}) == [
-        Send(a, {"type": "createroom", "roomid": room, "approved": "false"})
+        Deliver(a, {"type": "createroom", "roomid": room, "approved": "false"})
     ]
 
 
@@ -245,7 +246,7 @@ def test_createroom_refused_when_R_exists_here(d: Driver) -> None:
     d.owner_of("Olga", "Den")
     a = d.login("Alice")
     assert d.send(a, {"type": "createroom", "roomid": "Den"}) == [
-        Send(a, {"type": "createroom", "roomid": "Den", "approved": "false"})
+        Deliver(a, {"type": "createroom", "roomid": "Den", "approved": "false"})
     ]
 
 
@@ -253,7 +254,7 @@ def test_createroom_refused_when_R_exists_on_another_server(d: Driver) -> None:
     d.view.add_remote("Far")
     a = d.login("Alice")
     assert d.send(a, {"type": "createroom", "roomid": "Far"}) == [
-        Send(a, {"type": "createroom", "roomid": "Far", "approved": "false"})
+        Deliver(a, {"type": "createroom", "roomid": "Far", "approved": "false"})
     ]
 
 
@@ -262,9 +263,9 @@ def test_createroom_refused_when_R_is_pending_here(d: Driver) -> None:
     b = d.login("Bob")
     d.auto = False
     pending = d.send(a, {"type": "createroom", "roomid": "Den"})
-    assert others(pending) == [CreateRoom(a, RoomId("Den"), Identity("Alice"))]
+    assert others(pending) == [CreateRoomRequest(a, RoomId("Den"), Identity("Alice"))]
     assert d.send(b, {"type": "createroom", "roomid": "Den"}) == [
-        Send(b, {"type": "createroom", "roomid": "Den", "approved": "false"})
+        Deliver(b, {"type": "createroom", "roomid": "Den", "approved": "false"})
     ]
     assert "Den" in d.core.local_room_ids()
 
@@ -272,7 +273,7 @@ def test_createroom_refused_when_R_is_pending_here(d: Driver) -> None:
 def test_createroom_refused_when_I_already_owns_a_room(d: Driver) -> None:
     o = d.owner_of("Olga", "Den")
     assert d.send(o, {"type": "createroom", "roomid": "Den2"}) == [
-        Send(o, {"type": "createroom", "roomid": "Den2", "approved": "false"})
+        Deliver(o, {"type": "createroom", "roomid": "Den2", "approved": "false"})
     ]
 
 
@@ -290,23 +291,23 @@ def test_createroom_refused_by_the_coordinator_sends_nothing_else(d: Driver) -> 
 
 def test_joinroom_refused_when_R_does_not_exist_anywhere_roomchange_with_former_equal_roomid(d: Driver) -> None:
     a = d.login("Alice")
-    assert d.send(a, {"type": "joinroom", "roomid": "Nowhere"}) == [Send(a, rc("Alice", MAIN, MAIN))]
+    assert d.send(a, {"type": "joinroom", "roomid": "Nowhere"}) == [Deliver(a, rc("Alice", MAIN, MAIN))]
 
 
 def test_joinroom_refused_when_R_is_the_current_room(d: Driver) -> None:
     a = d.login("Alice")
-    assert d.send(a, {"type": "joinroom", "roomid": MAIN}) == [Send(a, rc("Alice", MAIN, MAIN))]
+    assert d.send(a, {"type": "joinroom", "roomid": MAIN}) == [Deliver(a, rc("Alice", MAIN, MAIN))]
 
 
 def test_joinroom_refused_when_I_owns_F_an_owner_cannot_leave_its_room(d: Driver) -> None:
     o = d.owner_of("Olga", "Den")
-    assert d.send(o, {"type": "joinroom", "roomid": MAIN}) == [Send(o, rc("Olga", "Den", "Den"))]
+    assert d.send(o, {"type": "joinroom", "roomid": MAIN}) == [Deliver(o, rc("Olga", "Den", "Den"))]
 
 
 def test_joinroom_refused_for_a_room_the_lagging_replica_places_here_but_that_is_gone(d: Driver) -> None:
     d.view.add_remote("Gone", server="s1")
     a = d.login("Alice")
-    assert d.send(a, {"type": "joinroom", "roomid": "Gone"}) == [Send(a, rc("Alice", MAIN, MAIN))]
+    assert d.send(a, {"type": "joinroom", "roomid": "Gone"}) == [Deliver(a, rc("Alice", MAIN, MAIN))]
 
 
 def test_joinroom_on_this_server_sends_rc_to_members_of_F_members_of_R_and_I(d: Driver) -> None:
@@ -315,7 +316,7 @@ def test_joinroom_on_this_server_sends_rc_to_members_of_F_members_of_R_and_I(d: 
     c = d.login("Carol")
     effects = d.send(b, {"type": "joinroom", "roomid": "Den"})
     moved = rc("Bob", MAIN, "Den")
-    assert effects == [Broadcast((c, o, b), moved)]
+    assert effects == [Multicast((c, o, b), moved)]
     assert sorted(deliveries(effects)) == sorted([(c, moved), (o, moved), (b, moved)])
 
 
@@ -333,7 +334,7 @@ def test_joinroom_on_another_server_sends_I_only_the_route_and_rc_to_the_remaini
     a = d.login("Alice")
     b = d.login("Bob")
     effects = d.send(a, {"type": "joinroom", "roomid": "Far"})
-    assert others(effects) == [BeginMove(a, Identity("Alice"), ServerId("s2"), RoomId("Far"), "10.0.0.2", 5555)]
+    assert others(effects) == [BeginMoveRequest(a, Identity("Alice"), ServerId("s2"), RoomId("Far"), "10.0.0.2", 5555)]
     assert deliveries(effects) == [
         (a, {"type": "route", "roomid": "Far", "host": "10.0.0.2", "port": "5555"}),
         (b, rc("Alice", MAIN, "Far")),
@@ -347,7 +348,7 @@ def test_joinroom_remote_sends_no_roomchange_to_I_before_the_route_while_the_mov
     a = d.login("Alice")
     d.auto = False
     [move] = d.send(a, {"type": "joinroom", "roomid": "Far"})
-    assert isinstance(move, BeginMove)
+    assert isinstance(move, BeginMoveRequest)
     effects = d.core.move_begun(a, "Alice", True)
     assert deliveries(effects)[0][1]["type"] == "route"
 
@@ -380,7 +381,7 @@ def test_lines_a_routed_client_still_sends_are_ignored(d: Driver) -> None:
 def test_joinroom_with_a_server_of_unknown_address_is_refused(d: Driver) -> None:
     d.view.add_remote("Far", server="s7")
     a = d.login("Alice")
-    assert d.send(a, {"type": "joinroom", "roomid": "Far"}) == [Send(a, rc("Alice", MAIN, MAIN))]
+    assert d.send(a, {"type": "joinroom", "roomid": "Far"}) == [Deliver(a, rc("Alice", MAIN, MAIN))]
 
 
 # -- movejoin -----------------------------------------------------------------------------------------------
@@ -394,7 +395,7 @@ def test_movejoin_sends_serverchange_first_then_rc_to_the_members_of_R_I_include
     o = d.owner_of("Olga", "Den")
     c = d.connect()
     effects = d.send(c, movejoin("Mover", "Far", "Den"))
-    assert others(effects) == [CompleteMove(c, Identity("Mover"))]
+    assert others(effects) == [CompleteMoveRequest(c, Identity("Mover"))]
     arrived = rc("Mover", "Far", "Den")
     assert deliveries(effects) == [
         (c, {"type": "serverchange", "approved": "true", "serverid": "s1"}),
@@ -417,8 +418,8 @@ def test_movejoin_refused_when_the_identity_is_held_elsewhere_then_closed(d: Dri
     c = d.connect()
     effects = d.send(c, movejoin("Mover", "Far", "Den"))
     assert effects == [
-        CompleteMove(c, Identity("Mover")),
-        Send(c, {"type": "serverchange", "approved": "false", "serverid": "s1"}),
+        CompleteMoveRequest(c, Identity("Mover")),
+        Deliver(c, {"type": "serverchange", "approved": "false", "serverid": "s1"}),
         Close(c),
     ]
 
@@ -427,7 +428,7 @@ def test_movejoin_refused_when_the_identity_is_a_client_here(d: Driver) -> None:
     d.login("Alice")
     c = d.connect()
     assert d.send(c, movejoin("Alice", "Far", MAIN)) == [
-        Send(c, {"type": "serverchange", "approved": "false", "serverid": "s1"}),
+        Deliver(c, {"type": "serverchange", "approved": "false", "serverid": "s1"}),
         Close(c),
     ]
 
@@ -435,7 +436,7 @@ def test_movejoin_refused_when_the_identity_is_a_client_here(d: Driver) -> None:
 def test_movejoin_refused_for_an_invalid_identity(d: Driver) -> None:
     c = d.connect()
     assert d.send(c, movejoin("x", "Far", MAIN)) == [
-        Send(c, {"type": "serverchange", "approved": "false", "serverid": "s1"}),
+        Deliver(c, {"type": "serverchange", "approved": "false", "serverid": "s1"}),
         Close(c),
     ]
 
@@ -454,7 +455,7 @@ def test_deleteroom_accepted_moves_every_member_to_mainhall_and_tells_every_memb
     c = d.login("Carol")
     d.send(b, {"type": "joinroom", "roomid": "Den"})
     effects = d.send(o, {"type": "deleteroom", "roomid": "Den"})
-    assert others(effects) == [DeleteRoom(o, RoomId("Den"), Identity("Olga"))]
+    assert others(effects) == [DeleteRoomRequest(o, RoomId("Den"), Identity("Olga"))]
     assert deliveries(effects)[0] == (o, {"type": "deleteroom", "roomid": "Den", "approved": "true"})
     hall_after = [c, o, b]
     expected = [(x, rc("Olga", "Den", MAIN)) for x in hall_after] + [(x, rc("Bob", "Den", MAIN)) for x in hall_after]
@@ -470,7 +471,7 @@ def test_deleteroom_refused_when_I_does_not_own_R(d: Driver) -> None:
     d.owner_of("Olga", "Den")
     b = d.login("Bob")
     assert d.send(b, {"type": "deleteroom", "roomid": "Den"}) == [
-        Send(b, {"type": "deleteroom", "roomid": "Den", "approved": "false"})
+        Deliver(b, {"type": "deleteroom", "roomid": "Den", "approved": "false"})
     ]
 
 
@@ -479,7 +480,7 @@ def test_deleteroom_refused_unless_R_exists_here_and_is_not_a_mainhall(d: Driver
     d.view.add_remote("Far", server="s2", owner="Alice")
     a = d.login("Alice")
     assert d.send(a, {"type": "deleteroom", "roomid": room}) == [
-        Send(a, {"type": "deleteroom", "roomid": room, "approved": "false"})
+        Deliver(a, {"type": "deleteroom", "roomid": room, "approved": "false"})
     ]
 
 
@@ -501,7 +502,7 @@ def test_message_goes_to_every_other_member_of_F_never_echoed(d: Driver) -> None
     d.owner_of("Olga", "Den")  # in another room: must not receive it
     effects = d.send(a, {"type": "message", "content": "hello"})
     text = {"type": "message", "identity": "Alice", "content": "hello"}
-    assert effects == [Broadcast((a, b, c), text, exclude=a)]
+    assert effects == [Multicast((a, b, c), text, exclude=a)]
     assert deliveries(effects) == [(b, text), (c, text)]
     snap = d.core.snapshot()
     assert (snap.messages_relayed, snap.deliveries) == (1, 2)
@@ -528,7 +529,7 @@ def test_quit_sends_rc_to_I_and_the_other_members_of_F_releases_I_and_closes(d: 
     b = d.login("Bob")
     effects = d.send(a, {"type": "quit"})
     gone = rc("Alice", MAIN, "")
-    assert effects == [Broadcast((a, b), gone), ReleaseIdentity(Identity("Alice")), Close(a)]
+    assert effects == [Multicast((a, b), gone), ReleaseIdentityRequest(Identity("Alice")), Close(a)]
     assert d.core.local_identities() == ["Bob"]
 
 
@@ -545,7 +546,7 @@ def test_quit_of_an_owner_dissolves_its_room_as_in_deleteroom(d: Driver) -> None
         (b, rc("Bob", "Den", MAIN)),
     ]
     # One registry command releases the identity and its room.
-    assert others(effects) == [ReleaseIdentity(Identity("Olga")), Close(o)]
+    assert others(effects) == [ReleaseIdentityRequest(Identity("Olga")), Close(o)]
     assert "Den" not in d.core.local_room_ids()
 
 
@@ -553,8 +554,8 @@ def test_abrupt_disconnect_is_the_same_quit_for_the_others(d: Driver) -> None:
     a = d.login("Alice")
     b = d.login("Bob")
     assert d.core.disconnected(a) == [
-        Broadcast((a, b), rc("Alice", MAIN, "")),
-        ReleaseIdentity(Identity("Alice")),
+        Multicast((a, b), rc("Alice", MAIN, "")),
+        ReleaseIdentityRequest(Identity("Alice")),
         Close(a),
     ]
 
@@ -597,7 +598,7 @@ def test_a_queued_line_that_starts_a_request_waits_for_its_own_answer(d: Driver)
     d.send(c, {"type": "createroom", "roomid": "Den"})
     d.send(c, {"type": "who"})
     effects = d.core.resolve(claim, True)
-    assert effects[-1] == CreateRoom(c, RoomId("Den"), Identity("Alice"))
+    assert effects[-1] == CreateRoomRequest(c, RoomId("Den"), Identity("Alice"))
     effects = d.core.room_created(c, "Den", True)
     assert deliveries(effects)[-1] == (
         c,
@@ -613,7 +614,7 @@ def test_peer_close_while_a_request_is_in_flight_runs_after_the_answer(d: Driver
     assert d.core.disconnected(a) == []
     effects = d.core.resolve(create, True)
     assert deliveries(effects)[-1] == (a, rc("Alice", "Den", ""))
-    assert others(effects) == [ReleaseIdentity(Identity("Alice")), Close(a)]
+    assert others(effects) == [ReleaseIdentityRequest(Identity("Alice")), Close(a)]
     assert d.core.local_room_ids() == [MAIN]
     assert b in [conn for conn, _ in deliveries(effects)]
 
@@ -623,7 +624,7 @@ def test_forced_drop_during_a_claim_releases_the_late_approval(d: Driver) -> Non
     c = d.connect()
     claim = only_request(d.send(c, {"type": "newidentity", "identity": "Alice"}))
     assert d.core.drop(c, "slow reader") == [Close(c)]
-    assert d.core.resolve(claim, True) == [ReleaseIdentity(Identity("Alice"))]
+    assert d.core.resolve(claim, True) == [ReleaseIdentityRequest(Identity("Alice"))]
     assert d.core.local_identities() == []
 
 
@@ -640,7 +641,7 @@ def test_forced_drop_during_createroom_releases_the_late_room(d: Driver) -> None
     d.auto = False
     create = only_request(d.send(a, {"type": "createroom", "roomid": "Den"}))
     dropped = d.core.drop(a, "line too long")
-    assert others(dropped) == [ReleaseIdentity(Identity("Alice")), Close(a)]
+    assert others(dropped) == [ReleaseIdentityRequest(Identity("Alice")), Close(a)]
     assert d.core.resolve(create, True) == [ReleaseRoom(RoomId("Den"), Identity("Alice"))]
 
 
@@ -649,7 +650,7 @@ def test_forced_drop_during_a_move_completion_releases_the_late_approval(d: Driv
     c = d.connect()
     complete = only_request(d.send(c, movejoin("Mover", "Far", MAIN)))
     d.core.drop(c, "kick")
-    assert d.core.resolve(complete, True) == [ReleaseIdentity(Identity("Mover"))]
+    assert d.core.resolve(complete, True) == [ReleaseIdentityRequest(Identity("Mover"))]
 
 
 def test_too_many_lines_queued_behind_a_request_drops_the_client(d: Driver) -> None:
@@ -661,7 +662,11 @@ def test_too_many_lines_queued_behind_a_request_drops_the_client(d: Driver) -> N
         assert d.send(a, {"type": "who"}) == []
     effects = d.send(a, {"type": "who"})
     assert isinstance(effects[0], LimitExceeded)
-    assert effects[1:] == [Broadcast((a, b), rc("Alice", MAIN, "")), ReleaseIdentity(Identity("Alice")), Close(a)]
+    assert effects[1:] == [
+        Multicast((a, b), rc("Alice", MAIN, "")),
+        ReleaseIdentityRequest(Identity("Alice")),
+        Close(a),
+    ]
 
 
 # -- operator actions ---------------------------------------------------------------------------------------
@@ -672,7 +677,7 @@ def test_kick_disconnects_as_an_abrupt_quit(d: Driver) -> None:
     b = d.login("Bob")
     found, effects = d.core.kick("Alice")
     assert found
-    assert effects == [Broadcast((a, b), rc("Alice", MAIN, "")), ReleaseIdentity(Identity("Alice")), Close(a)]
+    assert effects == [Multicast((a, b), rc("Alice", MAIN, "")), ReleaseIdentityRequest(Identity("Alice")), Close(a)]
     assert d.core.kick("Alice") == (False, [])
 
 
@@ -722,11 +727,11 @@ def test_end_all_tells_each_client_its_own_quit_and_releases_it(d: Driver) -> No
     c = d.connect()
     effects = d.core.end_all(release=True)
     assert effects == [
-        Send(a, rc("Alice", MAIN, "")),
-        ReleaseIdentity(Identity("Alice")),
+        Deliver(a, rc("Alice", MAIN, "")),
+        ReleaseIdentityRequest(Identity("Alice")),
         Close(a),
-        Send(o, rc("Olga", "Den", "")),
-        ReleaseIdentity(Identity("Olga")),
+        Deliver(o, rc("Olga", "Den", "")),
+        ReleaseIdentityRequest(Identity("Olga")),
         Close(o),
         Close(c),
     ]
@@ -736,7 +741,7 @@ def test_end_all_tells_each_client_its_own_quit_and_releases_it(d: Driver) -> No
 
 def test_end_all_without_release_leaves_the_registry_alone(d: Driver) -> None:
     a = d.login("Alice")
-    assert d.core.end_all(release=False) == [Send(a, rc("Alice", MAIN, "")), Close(a)]
+    assert d.core.end_all(release=False) == [Deliver(a, rc("Alice", MAIN, "")), Close(a)]
 
 
 def test_snapshot_lists_clients_rooms_and_counters(d: Driver) -> None:
@@ -760,19 +765,19 @@ def test_connection_ids_are_never_reused(d: Driver) -> None:
 
 
 def test_end_all_answers_a_login_still_waiting_for_the_cluster_before_closing() -> None:
-    from node.chat import ChatCore, ClaimIdentity, Close, CompleteMove, Send
+    from node.chat import ChatCore, ClaimIdentityRequest, Close, CompleteMoveRequest, Deliver
     from tests.unit.test_chat_support import SERVER, FakeView
 
     core = ChatCore(SERVER, FakeView())
     core.connect(ConnId(1))
     core.connect(ConnId(2))
-    assert isinstance(core.receive(ConnId(1), b'{"type":"newidentity","identity":"alice"}')[0], ClaimIdentity)
+    assert isinstance(core.receive(ConnId(1), b'{"type":"newidentity","identity":"alice"}')[0], ClaimIdentityRequest)
     move = b'{"type":"movejoin","identity":"bob","former":"MainHall-s2","roomid":"r"}'
-    assert isinstance(core.receive(ConnId(2), move)[0], CompleteMove)
+    assert isinstance(core.receive(ConnId(2), move)[0], CompleteMoveRequest)
     effects = core.end_all(release=False)
     assert effects == [
-        Send(ConnId(1), {"type": "newidentity", "approved": "false"}),
+        Deliver(ConnId(1), {"type": "newidentity", "approved": "false"}),
         Close(ConnId(1)),
-        Send(ConnId(2), {"type": "serverchange", "approved": "false", "serverid": SERVER}),
+        Deliver(ConnId(2), {"type": "serverchange", "approved": "false", "serverid": SERVER}),
         Close(ConnId(2)),
     ]

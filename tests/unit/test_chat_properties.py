@@ -14,16 +14,16 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cluster.framing import encode
 from node.chat import (
-    Broadcast,
     ChatCore,
     Close,
     ConnId,
+    Deliver,
     Effect,
     LimitExceeded,
-    ReleaseIdentity,
+    Multicast,
+    ReleaseIdentityRequest,
     ReleaseRoom,
     Request,
-    Send,
 )
 from tests.unit.test_chat_support import MAIN, REQUESTS, SERVER, FakeView
 
@@ -88,8 +88,8 @@ class Harness:
 
     def check(self, effects: list[Effect]) -> None:
         for e in effects:
-            if isinstance(e, Send | Broadcast):
-                targets = [e.conn] if isinstance(e, Send) else [c for c in e.conns if c != e.exclude]
+            if isinstance(e, Deliver | Multicast):
+                targets = [e.conn] if isinstance(e, Deliver) else [c for c in e.conns if c != e.exclude]
                 for target in targets:
                     assert target not in self.closed, f"{e} after Close({target})"
                 check_message(e.message)
@@ -100,7 +100,7 @@ class Harness:
                 assert e not in self.pending
                 self.pending.append(e)
             else:
-                assert isinstance(e, ReleaseIdentity | ReleaseRoom | LimitExceeded), e
+                assert isinstance(e, ReleaseIdentityRequest | ReleaseRoom | LimitExceeded), e
         self.core.check_invariants()
         identities = self.core.local_identities()
         assert len(identities) == len(set(identities))

@@ -9,24 +9,24 @@ from typing import Any
 
 from cluster.names import RoomId, ServerId
 from node.chat import (
-    BeginMove,
-    Broadcast,
+    BeginMoveRequest,
     ChatCore,
-    ClaimIdentity,
-    CompleteMove,
+    ClaimIdentityRequest,
+    CompleteMoveRequest,
     ConnId,
-    CreateRoom,
-    DeleteRoom,
+    CreateRoomRequest,
+    DeleteRoomRequest,
+    Deliver,
     Effect,
+    Multicast,
     Request,
-    Send,
 )
 from node.directory import Address, RoomInfo
 
 SERVER = ServerId("s1")
 MAIN = "MainHall-s1"
 
-REQUESTS = (ClaimIdentity, CompleteMove, CreateRoom, DeleteRoom, BeginMove)
+REQUESTS = (ClaimIdentityRequest, CompleteMoveRequest, CreateRoomRequest, DeleteRoomRequest, BeginMoveRequest)
 
 
 class FakeView:
@@ -53,16 +53,16 @@ def deliveries(effects: list[Effect]) -> list[tuple[int, dict[str, Any]]]:
     """Every message the effects deliver, in order, one entry per receiver."""
     out: list[tuple[int, dict[str, Any]]] = []
     for e in effects:
-        if isinstance(e, Send):
+        if isinstance(e, Deliver):
             out.append((e.conn, e.message))
-        elif isinstance(e, Broadcast):
+        elif isinstance(e, Multicast):
             out.extend((c, e.message) for c in e.conns if c != e.exclude)
     return out
 
 
 def others(effects: list[Effect]) -> list[Effect]:
     """The effects that are not deliveries (close, requests, releases)."""
-    return [e for e in effects if not isinstance(e, Send | Broadcast)]
+    return [e for e in effects if not isinstance(e, Deliver | Multicast)]
 
 
 def rc(identity: str, former: str, roomid: str) -> dict[str, str]:
@@ -86,7 +86,8 @@ class Driver:
         return conn
 
     def decide(self, request: Request) -> bool:
-        name = getattr(request, "identity", None) if not isinstance(request, CreateRoom | DeleteRoom) else None
+        rooms = isinstance(request, CreateRoomRequest | DeleteRoomRequest)
+        name = None if rooms else getattr(request, "identity", None)
         name = name or getattr(request, "room_id", "")
         return name not in self.refuse
 

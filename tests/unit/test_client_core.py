@@ -1,6 +1,6 @@
 """The client core (client/core.py): commands -> protocol messages, server messages -> the Java client's lines.
 
-Named after the rules of shared/protocol.md ("The Java client's view") and the client issue. No sockets.
+Named after the rules of docs/protocol.md ("The Java client's view") and the client issue. No sockets.
 """
 
 from __future__ import annotations
@@ -18,23 +18,23 @@ from client.core import (
     AdoptRoute,
     Blank,
     ClientCore,
-    CreateRoom,
-    DeleteRoom,
+    CreateRoomCommand,
+    DeleteRoomCommand,
     Effect,
     Exit,
     FollowRoute,
     Help,
     Hint,
     Invalid,
-    JoinRoom,
+    JoinRoomCommand,
     ListRooms,
     Phase,
-    Quit,
+    QuitCommand,
     Reconnect,
     Say,
-    Send,
+    SendMessage,
     Show,
-    Who,
+    WhoCommand,
     parse_command,
 )
 from cluster.framing import MAX_LINE_BYTES
@@ -51,7 +51,7 @@ def shown(effects: list[Effect]) -> list[str]:
 
 
 def sent(effects: list[Effect]) -> list[dict[str, Any]]:
-    return [e.message for e in effects if isinstance(e, Send)]
+    return [e.message for e in effects if isinstance(e, SendMessage)]
 
 
 def hints(effects: list[Effect]) -> list[str]:
@@ -91,16 +91,16 @@ def test_the_client_imports_only_cluster_among_our_packages() -> None:
     ("line", "command"),
     [
         ("#list", ListRooms()),
-        ("#who", Who()),
-        ("#createroom comp90015", CreateRoom("comp90015")),
-        ("#joinroom comp90015", JoinRoom("comp90015")),
-        ("#deleteroom comp90015", DeleteRoom("comp90015")),
-        ("#quit", Quit()),
+        ("#who", WhoCommand()),
+        ("#createroom comp90015", CreateRoomCommand("comp90015")),
+        ("#joinroom comp90015", JoinRoomCommand("comp90015")),
+        ("#deleteroom comp90015", DeleteRoomCommand("comp90015")),
+        ("#quit", QuitCommand()),
         ("#help", Help()),
         ("hello world", Say("hello world")),
         ("  leading spaces kept", Say("  leading spaces kept")),
         ("##hashtag", Say("#hashtag")),
-        ("#joinroom   spaced  ", JoinRoom("spaced")),
+        ("#joinroom   spaced  ", JoinRoomCommand("spaced")),
         ("", Blank()),
     ],
 )

@@ -27,6 +27,7 @@ def test_the_defaults_satisfy_every_relation() -> None:
         ({"startup_grace_s": 1.0}, "startup_grace_s >= 2 * suspect_after_s"),
         ({"suspect_max_s": 4.0}, "raft_min_timeout_s > suspect_max_s"),
         ({"holdoff_s": 0.0}, "holdoff_s must be a positive number"),
+        ({"raft_release_defer_s": 1.5}, "raft_release_defer_s < commit_timeout_s"),
     ],
 )
 def test_a_broken_relation_is_refused_naming_the_values(changes: dict[str, float], named: str) -> None:

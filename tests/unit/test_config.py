@@ -21,38 +21,46 @@ def test_shipped_configuration_is_six_servers_on_one_host() -> None:
 
 
 def test_admin_and_raft_ports_default_to_offsets() -> None:
-    config = parse_config("a 127.0.0.1 4000 6000 1\n")
+    config = parse_config("a 127.0.0.1 4000 6500 1\n")
     server = config.server("a")
     assert server.admin_port == 5000  # clients_port + 1000
-    assert server.raft_port == 7000  # coordination_port + 1000
-    assert server.raft_address == "127.0.0.1:7000"
+    assert server.raft_port == 7500  # coordination_port + 1000
+    assert server.raft_address == "127.0.0.1:7500"
+
+
+def test_ws_port_defaults_to_clients_port_plus_2000_and_can_be_given() -> None:
+    assert parse_config("a h 4000 6500 1\n").server("a").ws_port == 6000
+    assert parse_config("a h 4000 6500 1 5000 7000 9000\n").server("a").ws_port == 9000
 
 
 def test_explicit_admin_and_raft_ports() -> None:
-    config = parse_config("a h 4000 6000 1 7500 8000\n")
+    config = parse_config("a h 4000 6500 1 7500 8000\n")
     assert (config.server("a").admin_port, config.server("a").raft_port) == (7500, 8000)
 
 
 def test_comments_and_blank_lines_are_ignored() -> None:
-    config = parse_config("# head\n\n  a h 4000 6000 1  # trailing\n\nb h 4001 6001 2\n")
+    config = parse_config("# head\n\n  a h 4000 6500 1  # trailing\n\nb h 4001 6501 2\n")
     assert config.ids == ("a", "b")
 
 
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("a h 4000 6000\n", "got 4 fields"),
-        ("a h 4000 6000 1 2 3 4\n", "got 8 fields"),
-        ("a h x 6000 1\n", "clients_port 'x' is not an integer"),
-        ("a h 70000 6000 1\n", "out of range"),
-        ("a h 0 6000 1\n", "out of range"),
-        ("a h 4000 6000 p\n", "priority 'p' is not an integer"),
-        ("a h 4000 6000 1\na h 4001 6001 2\n", "duplicate server id 'a'"),
-        ("a h 4000 6000 1\nb h 4001 6001 1\n", "duplicate priority 1"),
-        ("a h 4000 6000 1\nb h 4000 5001 2\n", "port 4000 on h used twice"),
+        ("a h 4000 6500\n", "got 4 fields"),
+        ("a h 4000 6500 1 2 3 4 5\n", "got 9 fields"),
+        ("a h 4000 6500 1 5000 7000 x\n", "ws_port 'x' is not an integer"),
+        ("a h 4000 6500 1 5000 7000 7000\n", "port 7000 on h used twice (ws_port; already raft_port"),
+        ("a h 64000 6500 1 5000\n", "ws_port 66000 (derived) is out of range"),
+        ("a h x 6500 1\n", "clients_port 'x' is not an integer"),
+        ("a h 70000 6500 1\n", "out of range"),
+        ("a h 0 6500 1\n", "out of range"),
+        ("a h 4000 6500 p\n", "priority 'p' is not an integer"),
+        ("a h 4000 6500 1\na h 4001 6501 2\n", "duplicate server id 'a'"),
+        ("a h 4000 6500 1\nb h 4001 6501 1\n", "duplicate priority 1"),
+        ("a h 4000 6500 1\nb h 4000 5001 2\n", "port 4000 on h used twice"),
         ("a h 4000 4000 1\n", "port 4000 on h used twice"),
-        ("a/b h 4000 6000 1\n", "server id 'a/b'"),
-        ("a h 65000 6000 1\n", "admin_port 66000 (derived) is out of range"),
+        ("a/b h 4000 6500 1\n", "server id 'a/b'"),
+        ("a h 65000 6500 1\n", "admin_port 66000 (derived) is out of range"),
         ("# nothing\n", "no servers configured"),
     ],
 )
@@ -64,20 +72,20 @@ def test_bad_configuration_names_file_and_line(text: str, fragment: str) -> None
 
 
 def test_same_port_on_different_hosts_is_fine() -> None:
-    config = parse_config("a h1 4000 6000 1\nb h2 4000 6000 2\n")
+    config = parse_config("a h1 4000 6500 1\nb h2 4000 6500 2\n")
     assert len(config.servers) == 2
 
 
 def test_error_reports_line_number() -> None:
     with pytest.raises(ConfigError, match=r"^c\.txt:3: "):
-        parse_config("a h 4000 6000 1\n\nb h 4001\n", source="c.txt")
+        parse_config("a h 4000 6500 1\n\nb h 4001\n", source="c.txt")
 
 
 def test_fingerprint_differs_between_clusters() -> None:
-    one = parse_config("a h 4000 6000 1\n")
-    two = parse_config("a h 4001 6000 1\n")
+    one = parse_config("a h 4000 6500 1\n")
+    two = parse_config("a h 4001 6500 1\n")
     assert one.fingerprint() != two.fingerprint()
-    assert one.fingerprint() == parse_config("a h 4000 6000 1 # same\n").fingerprint()
+    assert one.fingerprint() == parse_config("a h 4000 6500 1 # same\n").fingerprint()
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ import pytest
 from cluster.config import parse_config
 from cluster.names import Identity, RoomId, ServerId
 from node import coordinator as co
+from registry import codec
 from registry import state as rs
 
-CONFIG = parse_config("s1 127.0.0.1 4000 6000 1\ns2 127.0.0.1 4001 6001 2\ns3 127.0.0.1 4002 6002 3\n")
+CONFIG = parse_config("s1 127.0.0.1 4000 6500 1\ns2 127.0.0.1 4001 6501 2\ns3 127.0.0.1 4002 6502 3\n")
 
 
 class Election:
@@ -35,7 +36,7 @@ class Link:
         self.asked: list[tuple[str, str]] = []  # (coordinator, request id)
 
     async def request(self, peer: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        command = co.command_from_wire(message["command"])
+        command = codec.command_from_wire(message["command"])
         self.asked.append((peer, command.request_id))
         if peer in self.down:
             raise ConnectionError(f"{peer} unreachable")
@@ -159,7 +160,7 @@ def test_orphans_release_what_no_session_of_this_server_backs() -> None:
     ],
 )
 def test_commands_survive_the_wire(command: rs.Command) -> None:
-    assert co.command_from_wire(co.command_to_wire(command)) == command
+    assert codec.command_from_wire(codec.command_to_wire(command)) == command
 
 
 @pytest.mark.parametrize(
@@ -169,4 +170,4 @@ def test_commands_survive_the_wire(command: rs.Command) -> None:
 )  # fmt: skip
 def test_bad_wire_commands_are_refused(wire: object) -> None:
     with pytest.raises(ValueError):
-        co.command_from_wire(wire)
+        codec.command_from_wire(wire)

@@ -86,3 +86,65 @@ def test_lines_before_an_over_long_line_are_kept() -> None:
     with pytest.raises(LineTooLong) as info:
         LineDecoder(max_line_bytes=8).feed(b"ok\nfine\n123456789\n")
     assert info.value.lines == [b"ok", b"fine"]
+
+
+# -- the fast paths write and read exactly what the json module does ----------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(max_size=10), _json_values, max_size=6))
+def test_encode_writes_what_json_dumps_writes(message: dict) -> None:
+    expected = json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
+    assert encode(message) == expected
+
+
+@given(st.dictionaries(st.text(max_size=10), _json_values, max_size=6), st.sampled_from(["", " ", "\t", "x", "}", ","]),
+       st.sampled_from(["", " ", "\r"]))  # fmt: skip
+def test_decode_object_accepts_and_refuses_what_json_loads_does(message: dict, tail: str, head: str) -> None:
+    text = head + json.dumps(message, separators=(",", ":")) + tail
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        with pytest.raises(FrameError):
+            decode_object(text.encode())
+        return
+    assert decode_object(text.encode()) == expected
+
+
+def _reference_feed(buffer: bytearray, data: bytes, limit: int) -> list[bytes]:
+    """The decoder as it was first written (a find and a copy per line), to compare with."""
+    buffer += data
+    lines: list[bytes] = []
+    start = 0
+    while (end := buffer.find(b"\n", start)) >= 0:
+        if end - start > limit:
+            raise LineTooLong("", lines)
+        line = bytes(buffer[start:end])
+        lines.append(line[:-1] if line.endswith(b"\r") else line)
+        start = end + 1
+    del buffer[:start]
+    if len(buffer) > limit:
+        raise LineTooLong("", lines)
+    return lines
+
+
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"x", b"\n").replace(b"y", b"\r")), max_size=12),
+       st.integers(min_value=1, max_value=30))  # fmt: skip
+def test_feed_matches_the_reference_decoder(chunks: list[bytes], limit: int) -> None:
+    decoder, buffer = LineDecoder(limit), bytearray()
+    for chunk in chunks:
+        try:
+            expected: list[bytes] | LineTooLong = _reference_feed(buffer, chunk, limit)
+        except LineTooLong as exc:
+            expected = exc
+        try:
+            got = decoder.feed(chunk)
+        except LineTooLong as exc:
+            assert isinstance(expected, LineTooLong) and exc.lines == expected.lines
+            return
+        assert got == expected

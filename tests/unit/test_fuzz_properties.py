@@ -26,7 +26,17 @@ from hypothesis import strategies as st
 
 from cluster.framing import FrameError, LineDecoder, LineTooLong, decode_object, encode
 from node import protocol as wire
-from node.chat import Broadcast, ChatCore, Close, ConnId, Effect, LimitExceeded, ReleaseIdentity, ReleaseRoom, Send
+from node.chat import (
+    ChatCore,
+    Close,
+    ConnId,
+    Deliver,
+    Effect,
+    LimitExceeded,
+    Multicast,
+    ReleaseIdentityRequest,
+    ReleaseRoom,
+)
 from tests.unit.test_chat_support import MAIN, REQUESTS, SERVER, FakeView
 
 REPO = Path(__file__).resolve().parents[2]
@@ -265,8 +275,8 @@ class Shell:
 
     def check(self, effects: list[Effect]) -> None:
         for e in effects:
-            if isinstance(e, Send | Broadcast):
-                targets = [e.conn] if isinstance(e, Send) else [c for c in e.conns if c != e.exclude]
+            if isinstance(e, Deliver | Multicast):
+                targets = [e.conn] if isinstance(e, Deliver) else [c for c in e.conns if c != e.exclude]
                 for target in targets:
                     assert target not in self.closed, f"{e} after Close({target})"
                 check_client_readable(e.message)
@@ -277,7 +287,7 @@ class Shell:
             elif isinstance(e, REQUESTS):
                 self.pending.append(e)
             else:
-                assert isinstance(e, ReleaseIdentity | ReleaseRoom | LimitExceeded), e
+                assert isinstance(e, ReleaseIdentityRequest | ReleaseRoom | LimitExceeded), e
         self.core.check_invariants()
         self.most_clients = max(self.most_clients, self.core.client_count)
 
@@ -390,7 +400,7 @@ def test_each_bad_line_gets_exactly_one_error_and_changes_nothing(lines: list[by
     before = core.snapshot()
     for line in lines:
         effects = core.receive(conn, line)
-        assert len(effects) == 1 and isinstance(effects[0], Send), effects
+        assert len(effects) == 1 and isinstance(effects[0], Deliver), effects
         assert effects[0].conn == conn and effects[0].message["type"] == "error"
         check_client_readable(effects[0].message)
         assert core.snapshot() == before

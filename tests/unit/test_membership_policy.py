@@ -152,3 +152,22 @@ def test_a_declaration_the_registry_lost_is_decided_again_at_once() -> None:
     (decision,) = p.decide(view(now, ALL - {"s5"}))
     p.declaration_failed(decision)
     assert p.decide(view(now + 0.01, ALL - {"s5"})) == [decision]
+
+
+def test_a_short_cut_off_is_a_break_although_the_detector_still_says_alive() -> None:
+    """Rule 3: a coordinator that heard nobody recently (a partition shorter than the failure window) must
+    wait the grace period again before declaring anyone down, though `alive` never lost its majority."""
+    p = policy()
+    t = settled(p)
+    cut = MembershipView(
+        now=t, is_coordinator=True, alive=set(ALL), heard=dict(REGISTERED), registered=REGISTERED,
+        has_quorum=True, heard_recently={"s1"},
+    )  # fmt: skip
+    assert p.decide(cut) == []
+    silent = {s for s in ALL if s != "s2"}
+    after = MembershipView(
+        now=t + 0.5, is_coordinator=True, alive=silent, heard=dict(REGISTERED), registered=REGISTERED,
+        has_quorum=True, heard_recently=silent,
+    )  # fmt: skip
+    assert p.decide(after) == []
+    assert p.decide(view(t + 0.5 + GRACE, silent)) == [DeclareDown("s2", REGISTERED["s2"])]

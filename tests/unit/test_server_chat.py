@@ -559,6 +559,32 @@ def test_kick_operator_delete_and_snapshot() -> None:
     run(scenario)
 
 
+def test_a_room_the_registry_deleted_after_a_refused_deleteroom_goes_here_too() -> None:
+    async def scenario() -> None:
+        async with serving() as (server, directory):
+            o = await Client.connect(server.port)
+            await o.login("Olga")
+            await o.send({"type": "createroom", "roomid": "Den"})
+            await o.recv()
+            await o.recv()
+            b = await Client.connect(server.port)
+            await b.login("Bob")
+            await b.send({"type": "joinroom", "roomid": "Den"})
+            assert await b.recv() == rc("Bob", MAIN, "Den")
+            assert await o.recv() == rc("Bob", MAIN, "Den")
+            server.room_gone_from_registry("Nowhere")  # not here: nothing happens
+            server.room_gone_from_registry(MAIN)  # never dissolved
+            await o.expect_nothing(0.05)
+            server.room_gone_from_registry("Den")
+            assert await o.recv() == rc("Olga", "Den", MAIN)
+            assert await o.recv() == rc("Bob", "Den", MAIN)
+            assert {(c.identity, c.room_id) for c in server.snapshot().clients} == {("Olga", MAIN), ("Bob", MAIN)}
+            await o.send({"type": "list"})
+            assert "Den" not in (await o.recv())["rooms"]
+
+    run(scenario)
+
+
 def test_graceful_shutdown_tells_every_client_and_releases_them() -> None:
     async def scenario() -> None:
         directory = MemoryDirectory()

@@ -1,0 +1,104 @@
+"""ElectionNode: the wiring of core, failure detector and heartbeat schedule, rule by rule (bully/node.py)."""
+
+from __future__ import annotations
+
+import random
+
+from bully.election import ElectionTimings
+from bully.messages import Heartbeat, IamUp
+from bully.node import Broadcast, CoordinatorChanged, ElectionNode, Output, PeerDown, PeerUp
+
+T = ElectionTimings()
+PRIORITIES = {"s1": 1, "s2": 2, "s3": 3}
+
+
+def node(self_id: str = "s1", incarnation: int = 7) -> ElectionNode:
+    return ElectionNode(self_id, PRIORITIES, T, lambda: True, random.Random(1), incarnation)
+
+
+def heartbeats(outputs: list[Output]) -> list[Heartbeat]:
+    return [o.message for o in outputs if isinstance(o, Broadcast) and isinstance(o.message, Heartbeat)]
+
+
+def test_nothing_is_due_before_start_and_start_announces_with_a_heartbeat_due_at_once() -> None:
+    n = node()
+    assert n.next_deadline() is None
+    outputs = n.start(10.0)
+    assert any(isinstance(o, Broadcast) and isinstance(o.message, IamUp) for o in outputs)
+    assert n.next_deadline() == 10.0
+
+
+def test_heartbeats_go_out_every_interval_with_epoch_incarnation_and_coordinator() -> None:
+    n = node()
+    n.start(0.0)
+    first = heartbeats(n.on_deadline(0.0))
+    assert first == [Heartbeat("s1", n.epoch, 7, n.coordinator)]
+    assert heartbeats(n.on_deadline(T.heartbeat_interval_s / 2)) == []
+    n.incarnation = 8  # fenced: a new life, heartbeats carry it from now on
+    assert heartbeats(n.on_deadline(T.heartbeat_interval_s))[0].incarnation == 8
+
+
+def test_after_a_stall_the_schedule_restarts_instead_of_sending_a_burst() -> None:
+    n = node()
+    n.start(0.0)
+    n.on_deadline(0.0)
+    assert len(heartbeats(n.on_deadline(5.0))) == 1
+    deadline = n.next_deadline()
+    assert deadline is not None and deadline <= 5.0 + T.heartbeat_interval_s
+
+
+def test_a_heartbeat_brings_its_peer_up_before_the_core_sees_the_message() -> None:
+    n = node()
+    n.start(0.0)
+    outputs = n.receive("s2", Heartbeat("s2", 0, 5, None), 0.01)
+    assert outputs[0] == PeerUp("s2", 5)
+    assert "s2" in n.servers_up and n.peer_incarnations == {"s2": 5}
+
+
+def test_a_silent_peer_is_declared_down_at_a_deadline_and_the_core_reacts() -> None:
+    n = node("s1")
+    n.start(0.0)
+    n.receive("s3", Heartbeat("s3", 1, 5, "s3"), 0.0)
+    n.on_deadline(0.0)
+    assert n.coordinator == "s3"
+    now = 0.0
+    outputs: list[Output] = []
+    while not any(isinstance(o, PeerDown) for o in outputs):
+        deadline = n.next_deadline()
+        assert deadline is not None and deadline > now - 1e-9
+        now = max(deadline, now)
+        outputs = n.on_deadline(now)
+        assert now < 5.0, "never declared down"
+    assert PeerDown("s3", 5) in outputs
+    assert now >= T.suspect_after_s
+    assert "s3" not in n.servers_up
+
+
+def test_a_lost_connection_and_a_refused_reconnect_are_down_at_once() -> None:
+    n = node("s1")
+    n.start(0.0)
+    n.receive("s3", Heartbeat("s3", 1, 5, "s3"), 0.0)
+    n.on_deadline(0.0)
+    assert n.coordinator == "s3"
+    assert n.on_link_event("s3", "lost", 0.1) == []
+    outputs = n.on_link_event("s3", "refused", 0.1)
+    assert outputs[0] == PeerDown("s3", 5, certain=True)
+    assert CoordinatorChanged(None) in outputs and n.coordinator is None  # the core starts the failover
+
+
+def test_a_late_timer_credits_the_peers_silence() -> None:
+    """The observer's timer fired 0.3 s late: heartbeats may be waiting unread, so nobody is declared down
+    on the strength of a silence the observer itself caused; on time, the same silence is a failure."""
+    late, on_time = node("s1"), node("s1")
+    for n in (late, on_time):
+        n.start(0.0)
+        n.receive("s2", Heartbeat("s2", 0, 5, None), 0.0)
+    at = T.suspect_after_s + 0.01
+    tick = 0.0
+    while tick + T.heartbeat_interval_s < at:
+        on_time.on_deadline(tick, armed_for=tick)
+        if tick <= at - 0.3:
+            late.on_deadline(tick, armed_for=tick)
+        tick += T.heartbeat_interval_s
+    assert PeerDown("s2", 5) in on_time.on_deadline(at, armed_for=at)
+    assert PeerDown("s2", 5) not in late.on_deadline(at, armed_for=at - 0.3)
