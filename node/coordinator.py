@@ -33,6 +33,7 @@ from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
 from node.directory import Address, RoomInfo
+from node.late_commit import UNDOABLE
 from node.reconcile import Orphan, find_orphans
 from node.retry import Ask, Finish, RequestRetry, Wait
 from node.status import LatencyRecorder
@@ -238,7 +239,8 @@ class ClusterDirectory:
         return False
 
     def _mark_in_doubt(self, command: rs.Command) -> None:
-        if isinstance(command, rs.ClaimIdentity | rs.CreateRoom | rs.CompleteMove):
+        # Only what `late_commit_actions` may have to undo (node/late_commit.py).
+        if isinstance(command, UNDOABLE):
             if len(self.in_doubt) >= MAX_IN_DOUBT:
                 self.in_doubt.pop(next(iter(self.in_doubt)))
             self.in_doubt[command.request_id] = command
