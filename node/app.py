@@ -83,6 +83,8 @@ def raft_timings(t: ClusterTimings) -> RaftTimings:
         connection_timeout_s=t.raft_connection_timeout_s,
         connection_retry_s=t.raft_connection_retry_s,
         leader_fallback_timeout_s=t.raft_leader_fallback_timeout_s,
+        election_retry_min_s=t.raft_election_retry_min_s,
+        election_retry_max_s=t.raft_election_retry_max_s,
         auto_tick_period_s=t.raft_tick_period_s,
         commit_timeout_s=t.commit_timeout_s,
         leader_hand_over_interval_s=t.raft_hand_over_interval_s,
