@@ -358,7 +358,7 @@ class Node:
         self.events.record(
             time.time(), f"coordinator is now {coordinator}" if coordinator else "coordinator lost: electing"
         )
-        self.directory.coordinator_changed()
+        self.directory.coordinator_changed(coordinator)
         self._membership_wake.set()
         if self.options.raft_leader_follows_coordinator:
             self.registry.prefer_leader(coordinator)

@@ -152,6 +152,9 @@ class ClusterDirectory:
         self.pending: set[str] = set()  # identities and rooms with a request in flight
         self.approvals = 0
         self.refusals = 0
+        # Changes of this server's coordinator view (to another server or to none) once it knew one.
+        self.coordinator_changes = 0
+        self._knew_coordinator = False
         self.latency = LatencyRecorder()
 
     @property
@@ -165,8 +168,11 @@ class ClusterDirectory:
         """Whether this directory made `request_id` (any thread: the prefix never changes)."""
         return request_id.startswith(self._id_prefix + ".")
 
-    def coordinator_changed(self) -> None:
+    def coordinator_changed(self, coordinator: str | None) -> None:
         """Called on the loop when the election runtime reports a new coordinator: wakes every waiter."""
+        if self._knew_coordinator:
+            self.coordinator_changes += 1
+        self._knew_coordinator = self._knew_coordinator or coordinator is not None
         change, self._change = self._change, None
         if change is not None and not change.done():
             change.set_result(None)
