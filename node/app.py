@@ -414,6 +414,10 @@ class Node:
                 set(self.directory.pending),
             )
             log.info("%s: in-doubt %s committed late: %s", self.server_id, type(in_doubt).__name__, actions)
+            for action in actions:
+                # At once, in this loop turn: the room must go before anything else can see or reuse its id.
+                if isinstance(action, late.DropRoomHere):
+                    self.chat.room_gone_from_registry(action.room_id)
             self._spawn(self._undo(actions))
 
     def _fenced(self) -> None:
@@ -464,21 +468,17 @@ class Node:
             return
 
     async def _undo(self, actions: tuple[LateCommitAction, ...]) -> None:
-        """Carry out `late_commit_actions`, in order."""
+        """Carry out `late_commit_actions`, in order (DropRoomHere was done when the commit was seen)."""
         for action in actions:
             match action:
                 case late.ReleaseIdentity(identity):
                     await self.directory.release_identity(Identity(identity))
                 case late.DeleteRoom(room_id, owner):
                     await self.directory.delete_room(RoomId(room_id), Identity(owner))
-                case late.DropRoomHere(room_id):
-                    self.chat.room_gone_from_registry(room_id)
+                case late.DropRoomHere():
+                    pass  # done in _on_applied
                 case late.EndSession(identity):
                     await self.chat.kick(identity)
-                case late.ExpireMove(identity, to_server, since):
-                    await self.directory.request(
-                        rs.ExpireMove(self.directory.next_request_id(), identity, to_server, since)
-                    )
                 case late.Leave():
                     pass
                 case _:

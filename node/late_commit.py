@@ -27,8 +27,10 @@ DeleteRoom
 BeginMove
     The identity is now in transit to another server but its client was told "room unchanged" and was
     never routed. If the client is still here it is disconnected (it cannot keep a name the registry
-    says is leaving; taking it back is two commands with a gap another claim could fill). Either way
-    that exact move is expired at once rather than after the move timeout, freeing the name.
+    says is leaving; taking it back is two commands with a gap another claim could fill). The name stays
+    in transit until the destination's reconciler expires that exact move (`MOVE_TIMEOUT_S`, 10 s), not
+    at once: the disconnected session's own release (refused, "not-holder") may still be in flight, and
+    were the name freed now, that release could land after a new claim of the name here and free it.
 ReleaseIdentity, ExpireMove, ServerUp, ServerDown, Barrier
     Nothing: a release or expiry that lands late is what was wanted; membership commands are not
     client requests.
@@ -69,20 +71,13 @@ class EndSession:
 
 
 @dataclass(frozen=True, slots=True)
-class ExpireMove:
-    identity: str
-    to_server: str
-    since: float
-
-
-@dataclass(frozen=True, slots=True)
 class Leave:
     """Do nothing now; `reason` is logged."""
 
     reason: str
 
 
-LateCommitAction = ReleaseIdentity | DeleteRoom | DropRoomHere | EndSession | ExpireMove | Leave
+LateCommitAction = ReleaseIdentity | DeleteRoom | DropRoomHere | EndSession | Leave
 
 # The commands worth remembering when they end in doubt: the others get `Leave` whatever happens.
 UNDOABLE = (rs.ClaimIdentity, rs.CompleteMove, rs.CreateRoom, rs.DeleteRoom, rs.BeginMove)
@@ -111,11 +106,10 @@ def late_commit_actions(
             if room_id in local_rooms:
                 return (DropRoomHere(room_id),)
             return (Leave("not hosted here"),)
-        case rs.BeginMove(identity=name, to_server=to_server, at=at):
-            expire = ExpireMove(name, to_server, at)
+        case rs.BeginMove(identity=name):
             if name in local_identities:
-                return (EndSession(name), expire)
-            return (expire,)
+                return (EndSession(name),)
+            return (Leave("its client left; the destination expires the move"),)
         case rs.ReleaseIdentity() | rs.ExpireMove() | rs.ServerUp() | rs.ServerDown() | rs.Barrier():
             return (Leave("nothing to undo"),)
         case _:

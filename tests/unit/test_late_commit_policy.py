@@ -8,7 +8,6 @@ from node.late_commit import (
     DeleteRoom,
     DropRoomHere,
     EndSession,
-    ExpireMove,
     Leave,
     ReleaseIdentity,
     late_commit_actions,
@@ -63,14 +62,14 @@ def test_delete_room_not_hosted_needs_nothing() -> None:
     assert isinstance(action, Leave)
 
 
-def test_begin_move_with_client_still_here_ends_it_and_expires_the_move() -> None:
+def test_begin_move_with_client_still_here_ends_its_session() -> None:
     command = rs.BeginMove("r1", "alice", "s1", "s2", 1, 1234.5)
-    assert decide(command, identities={"alice"}) == (EndSession("alice"), ExpireMove("alice", "s2", 1234.5))
+    assert decide(command, identities={"alice"}) == (EndSession("alice"),)
 
 
-def test_begin_move_whose_client_left_expires_the_move_at_once() -> None:
-    command = rs.BeginMove("r1", "alice", "s1", "s2", 1, 1234.5)
-    assert decide(command) == (ExpireMove("alice", "s2", 1234.5),)
+def test_begin_move_whose_client_left_is_left_to_the_destinations_expiry() -> None:
+    (action,) = decide(rs.BeginMove("r1", "alice", "s1", "s2", 1, 1234.5))
+    assert isinstance(action, Leave)
 
 
 def test_releases_expiries_and_membership_need_nothing() -> None:
@@ -96,5 +95,9 @@ def test_every_undoable_command_can_produce_an_action() -> None:
     ]
     assert {type(c) for c in samples} == set(UNDOABLE)
     for command in samples:
-        actions = decide(command, rooms={"den"} if isinstance(command, rs.DeleteRoom) else NONE)
+        actions = decide(
+            command,
+            identities={"a"} if isinstance(command, rs.BeginMove) else NONE,
+            rooms={"den"} if isinstance(command, rs.DeleteRoom) else NONE,
+        )
         assert not all(isinstance(a, Leave) for a in actions)
