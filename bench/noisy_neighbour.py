@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,7 +38,6 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "noisy_neighbour.json"
 SERVERS = 5
 LOGIN_INTERVAL_S = 0.05
 LOGIN_TIMEOUT_S = 10.0
-SAMPLE_INTERVAL_S = 0.5
 AGREE_TIMEOUT_S = 30.0
 SETTLE_TIMEOUT_S = 15.0
 # One polling neighbour: 16 threads, each spinning 2 ms then sleeping 1 ms, until killed.
@@ -77,20 +75,6 @@ def _login(cluster: Cluster, server: str, name: str) -> tuple[bool, float]:
     return ok, time.monotonic() - started
 
 
-def _sample(cluster: Cluster, stop: threading.Event, views: dict[str, list[str | None]], terms: list[int]) -> None:
-    while not stop.is_set():
-        for sid in cluster.ids:
-            try:
-                status = cluster.status(sid, 1.0)
-            except Exception:
-                continue
-            seen = views.setdefault(sid, [])
-            if not seen or seen[-1] != status.get("coordinator"):
-                seen.append(status.get("coordinator"))
-            terms.append(int(status["raft"]["term"]))
-        stop.wait(SAMPLE_INTERVAL_S)
-
-
 def run_one(neighbours: int, duration: float) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"chatmesh-noisy-{neighbours}-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -102,15 +86,14 @@ def run_one(neighbours: int, duration: float) -> dict[str, Any]:
             wait_until(
                 lambda: all(cluster.status(sid)["raft"]["leader"] == ids[-1] for sid in ids), SETTLE_TIMEOUT_S, 0.05
             )
-            terms_before = max(int(cluster.status(sid)["raft"]["term"]) for sid in ids)
-            elections_before = sum(int(cluster.status(sid)["counters"]["elections"]) for sid in ids)
+            # Counters are read once before and once after: polling /status during the run was itself a
+            # disturbance (an HTTP request and a snapshot on every server's loop twice a second).
+            before = {sid: cluster.status(sid) for sid in ids}
+            terms_before = max(int(s["raft"]["term"]) for s in before.values())
+            elections_before = sum(int(s["counters"]["elections"]) for s in before.values())
+            changes_before = {sid: int(s["counters"]["coordinator_changes"]) for sid, s in before.items()}
             load_before = os.getloadavg()[0]
             procs = [subprocess.Popen([sys.executable, "-c", NEIGHBOUR]) for _ in range(neighbours)]
-            stop = threading.Event()
-            views: dict[str, list[str | None]] = {}
-            terms: list[int] = []
-            sampler = threading.Thread(target=_sample, args=(cluster, stop, views, terms), daemon=True)
-            sampler.start()
             results: list[tuple[bool, float]] = []
             with ThreadPoolExecutor(max_workers=64) as pool:
                 futures = []
@@ -136,12 +119,11 @@ def run_one(neighbours: int, duration: float) -> dict[str, Any]:
                     agreed_s = time.monotonic() - load_ended
                     break
                 time.sleep(0.02)
-            stop.set()
-            sampler.join(5.0)
             final = {sid: cluster.status(sid) for sid in ids}
             terms_after = max(int(s["raft"]["term"]) for s in final.values())
             elections_after = sum(int(s["counters"]["elections"]) for s in final.values())
             max_gap = max(float(s["loop"]["max_gap_s"]) for s in final.values())
+            changes = max(int(s["counters"]["coordinator_changes"]) - changes_before[sid] for sid, s in final.items())
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -162,7 +144,7 @@ def run_one(neighbours: int, duration: float) -> dict[str, Any]:
         "login_max_ms": summary["max_ms"],
         "raft_elections": terms_after - terms_before,
         "bully_elections": elections_after - elections_before,
-        "coordinator_changes": max((len(v) - 1 for v in views.values()), default=0),
+        "coordinator_changes": changes,
         "max_loop_gap_ms": max_gap * 1000,
         "agreed_after_load_s": agreed_s,
         "load_avg_1m_before": round(load_before, 2),

@@ -68,6 +68,12 @@ class ClusterTimings:
     # After the Raft leader is declared down, the top survivor stands for Raft leader at once, the next one
     # this much later if there is still no leader, and so on.
     raft_election_stagger_s: float = 0.1
+    # A survivor that sees someone else's Raft election under way waits for its outcome; one that stood
+    # and still has no leader stands again. Either looks again after a random wait in [min, max]: Raft's
+    # remedy for a split vote (load can make the staggered candidacies coincide), ten times faster than
+    # its fallback. The minimum exceeds two append-entries periods so a winner is heard first.
+    raft_election_retry_min_s: float = 0.15
+    raft_election_retry_max_s: float = 0.45
     # A Raft connection that delivered nothing for this long is dropped (>= raft_max_timeout_s; idle
     # connections carry a keep-alive, see registry/replicated.py).
     raft_connection_timeout_s: float = 5.0
@@ -152,6 +158,18 @@ class ClusterTimings:
             "raft_min_timeout_s > suspect_max_s",
             "raft_min_timeout_s",
             "suspect_max_s",
+        )
+        self._need(
+            2 * self.raft_append_entries_period_s
+            < self.raft_election_retry_min_s
+            <= self.raft_election_retry_max_s
+            < self.raft_min_timeout_s,
+            "2 * raft_append_entries_period_s < raft_election_retry_min_s <= raft_election_retry_max_s"
+            " < raft_min_timeout_s",
+            "raft_append_entries_period_s",
+            "raft_election_retry_min_s",
+            "raft_election_retry_max_s",
+            "raft_min_timeout_s",
         )
         self._need(
             self.raft_connection_timeout_s >= self.raft_max_timeout_s,

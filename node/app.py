@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 import flask
 
@@ -28,8 +28,10 @@ from bully.transport import TcpTransport, Transport
 from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
+from node import late_commit as late
 from node.admin import Schemes, create_app
 from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService, Registry
+from node.late_commit import LateCommitAction, late_commit_actions
 from node.limits import Limits
 from node.membership import DeclareDown, MembershipPolicy, MembershipView
 from node.reconcile import Reconciler
@@ -81,6 +83,8 @@ def raft_timings(t: ClusterTimings) -> RaftTimings:
         connection_timeout_s=t.raft_connection_timeout_s,
         connection_retry_s=t.raft_connection_retry_s,
         leader_fallback_timeout_s=t.raft_leader_fallback_timeout_s,
+        election_retry_min_s=t.raft_election_retry_min_s,
+        election_retry_max_s=t.raft_election_retry_max_s,
         auto_tick_period_s=t.raft_tick_period_s,
         commit_timeout_s=t.commit_timeout_s,
         leader_hand_over_interval_s=t.raft_hand_over_interval_s,
@@ -354,7 +358,7 @@ class Node:
         self.events.record(
             time.time(), f"coordinator is now {coordinator}" if coordinator else "coordinator lost: electing"
         )
-        self.directory.coordinator_changed()
+        self.directory.coordinator_changed(coordinator)
         self._membership_wake.set()
         if self.options.raft_leader_follows_coordinator:
             self.registry.prefer_leader(coordinator)
@@ -405,9 +409,20 @@ class Node:
             self._fenced()
         in_doubt = self.directory.take_in_doubt(command.request_id)
         if in_doubt is not None and result.ok:
-            # The client was already refused: undo what committed after its deadline.
-            log.info("%s: releasing in-doubt %s that committed late", self.server_id, type(in_doubt).__name__)
-            self._spawn(self._undo(in_doubt))
+            # The client was already refused: the policy decides from the local state sampled now, in
+            # the same loop turn as the commit is seen (node/late_commit.py).
+            actions = late_commit_actions(
+                in_doubt,
+                set(self.chat.local_identities()),
+                set(self.chat.local_room_ids()),
+                set(self.directory.pending),
+            )
+            log.info("%s: in-doubt %s committed late: %s", self.server_id, type(in_doubt).__name__, actions)
+            for action in actions:
+                # At once, in this loop turn: the room must go before anything else can see or reuse its id.
+                if isinstance(action, late.DropRoomHere):
+                    self.chat.room_gone_from_registry(action.room_id)
+            self._spawn(self._undo(actions))
 
     def _fenced(self) -> None:
         """The cluster declared this incarnation dead and released its clients: start a new life."""
@@ -456,21 +471,22 @@ class Node:
                 self.stall_guard.reopen()
             return
 
-    async def _undo(self, command: rs.Command) -> None:
-        # Not while a request for the same name is in flight here (a client moving in with it): its outcome
-        # decides, and the reconciler releases whatever no session ends up holding.
-        if (
-            isinstance(command, rs.ClaimIdentity | rs.CompleteMove)
-            and command.identity not in set(self.chat.local_identities())
-            and command.identity not in self.directory.pending
-        ):
-            await self.directory.release_identity(Identity(command.identity))
-        elif isinstance(command, rs.CreateRoom):
-            await self.directory.delete_room(RoomId(command.room_id), Identity(command.owner))
-        elif isinstance(command, rs.DeleteRoom):
-            # The owner was told "false", yet the room is gone cluster-wide: keeping it here would let its
-            # members chat in a room another server may now create (a duplicate room).
-            self.chat.room_gone_from_registry(command.room_id)
+    async def _undo(self, actions: tuple[LateCommitAction, ...]) -> None:
+        """Carry out `late_commit_actions`, in order (DropRoomHere was done when the commit was seen)."""
+        for action in actions:
+            match action:
+                case late.ReleaseIdentity(identity):
+                    await self.directory.release_identity(Identity(identity))
+                case late.DeleteRoom(room_id, owner):
+                    await self.directory.delete_room(RoomId(room_id), Identity(owner))
+                case late.DropRoomHere():
+                    pass  # done in _on_applied
+                case late.EndSession(identity):
+                    await self.chat.kick(identity)
+                case late.Leave():
+                    pass
+                case _:
+                    assert_never(action)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run `coroutine` in the serving TaskGroup (cancelled and awaited at stop, never forgotten)."""

@@ -34,6 +34,7 @@ from cluster.config import ClusterConfig
 from cluster.names import Identity, RoomId, ServerId
 from cluster.timings import ClusterTimings
 from node.directory import Address, RoomInfo
+from node.late_commit import UNDOABLE
 from node.reconcile import Orphan, find_orphans
 from node.retry import Ask, Finish, RequestRetry, Wait
 from node.status import LatencyRecorder
@@ -154,6 +155,9 @@ class ClusterDirectory:
         self.pending: set[str] = set()  # identities and rooms with a request in flight
         self.approvals = 0
         self.refusals = 0
+        # Changes of this server's coordinator view (to another server or to none) once it knew one.
+        self.coordinator_changes = 0
+        self._knew_coordinator = False
         self.latency = LatencyRecorder()
 
     @property
@@ -167,8 +171,11 @@ class ClusterDirectory:
         """Whether this directory made `request_id` (any thread: the prefix never changes)."""
         return request_id.startswith(self._id_prefix + ".")
 
-    def coordinator_changed(self) -> None:
+    def coordinator_changed(self, coordinator: str | None) -> None:
         """Called on the loop when the election runtime reports a new coordinator: wakes every waiter."""
+        if self._knew_coordinator:
+            self.coordinator_changes += 1
+        self._knew_coordinator = self._knew_coordinator or coordinator is not None
         change, self._change = self._change, None
         if change is not None and not change.done():
             change.set_result(None)
@@ -250,7 +257,8 @@ class ClusterDirectory:
         return False
 
     def _mark_in_doubt(self, command: rs.Command) -> None:
-        if isinstance(command, rs.ClaimIdentity | rs.CreateRoom | rs.CompleteMove):
+        # Only what `late_commit_actions` may have to undo (node/late_commit.py).
+        if isinstance(command, UNDOABLE):
             if len(self.in_doubt) >= MAX_IN_DOUBT:
                 self.in_doubt.pop(next(iter(self.in_doubt)))
             self.in_doubt[command.request_id] = command

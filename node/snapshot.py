@@ -130,6 +130,7 @@ class SnapshotBuilder:
                 refusals=self.directory.refusals,
                 elections=self.election.elections,
                 kicks=chat.counters.get("kicks", 0),
+                coordinator_changes=self.directory.coordinator_changes,
             ),
             approval_latency=self.directory.latency.freeze(),
             recent_events=self.events.freeze(),

@@ -129,6 +129,9 @@ class Counters:
     refusals: int = field(default=0, metadata={"help": "Identity and room requests refused"})
     elections: int = field(default=0, metadata={"help": "Elections this server started"})
     kicks: int = field(default=0, metadata={"help": "Clients disconnected by an operator"})
+    coordinator_changes: int = field(
+        default=0, metadata={"help": "Times this server's view of the coordinator changed after it first knew one"}
+    )
 
 
 @dataclass(frozen=True, slots=True)

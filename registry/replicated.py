@@ -46,6 +46,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import random
 import shutil
 import threading
 import time
@@ -62,6 +63,7 @@ from cluster.config import ClusterConfig, ServerConfig
 from cluster.timings import ClusterTimings
 from registry import raft_wire
 from registry.client import MAX_IN_FLIGHT, CommitBridge, RegistryUnavailable
+from registry.fast_election import FastElection
 from registry.state import Command, IdentityEntry, RegistryState, ReleaseIdentity, Result, RoomEntry
 
 __all__ = [
@@ -139,6 +141,10 @@ class RaftTimings:
     connection_retry_s: float = _DEFAULTS.raft_connection_retry_s
     # A leader that heard from no majority for this long steps down (PySyncObj: 30 s).
     leader_fallback_timeout_s: float = _DEFAULTS.raft_leader_fallback_timeout_s
+    # After a fast election (the leader was declared down) that produced no leader, stand again after a
+    # random wait in [min, max] (registry/fast_election.py).
+    election_retry_min_s: float = _DEFAULTS.raft_election_retry_min_s
+    election_retry_max_s: float = _DEFAULTS.raft_election_retry_max_s
     # Longest sleep of PySyncObj's tick thread between events (timer resolution for the above).
     auto_tick_period_s: float = _DEFAULTS.raft_tick_period_s
     # Binding the Raft port: retry interval and attempts before start() gives up.
@@ -163,6 +169,10 @@ class RaftTimings:
             raise ValueError("need 3 * append_entries_period_s < raft_min_timeout_s < raft_max_timeout_s")
         if self.connection_timeout_s < self.raft_max_timeout_s:
             raise ValueError("connection_timeout_s must be >= raft_max_timeout_s")
+        if not 2 * self.append_entries_period_s < self.election_retry_min_s <= self.election_retry_max_s:
+            raise ValueError("need 2 * append_entries_period_s < election_retry_min_s <= election_retry_max_s")
+        if self.election_retry_max_s >= self.raft_min_timeout_s:
+            raise ValueError("election_retry_max_s must be < raft_min_timeout_s")
         if self.leader_fallback_timeout_s <= self.append_entries_period_s:
             raise ValueError("leader_fallback_timeout_s must exceed append_entries_period_s")
         if self.log_compaction_min_entries < 2 or min(self.commit_timeout_s, self.auto_tick_period_s) <= 0:
@@ -382,8 +392,17 @@ class ReplicatedRegistry:
         self._preferred_leader: ServerConfig | None = None
         self._last_hand_over = 0.0
         self._sync: _SyncObj | None = None
-        # A Raft leader (node id) known dead: the tick thread starts an election if it still follows it.
-        self._elect_against: tuple[str, float] | None = None  # (raft address, not before this monotonic time)
+        # A Raft leader known dead: when this replica stands (registry/fast_election.py). Fed by the loop
+        # (leader_is_gone) and PySyncObj's thread (each tick), hence the lock.
+        self._fast = FastElection(
+            timings.election_retry_min_s,
+            timings.election_retry_max_s,
+            timings.raft_min_timeout_s,
+            random.Random(),
+        )
+        self._fast_lock = threading.Lock()
+        # A read-only replica cannot stand: the dead leader it forgets at its next tick (PySyncObj's thread).
+        self._forget_leader: str | None = None
         self.fast_elections = 0
         self._last_keepalive = 0.0
         # Raft terms this replica moved through (each is an election somewhere) and the last (term, leader).
@@ -745,17 +764,17 @@ class ReplicatedRegistry:
         if now - self._last_keepalive >= self.timings.connection_timeout_s / 4:
             self._last_keepalive = now
             sync.keep_alive()
-        pending = self._elect_against
-        if pending is not None and now >= pending[1]:
-            self._elect_against = None
-            against = pending[0]
-            leader = sample.leader
-            if not self.voter:
-                if leader is not None and leader.id == against:
-                    log.info("%s: Raft leader %s is gone: waiting for the next one", self.server_id, against)
-                    sync.forget_leader()
-            elif not sample.is_leader and (leader is None or leader.id == against):
-                log.info("%s: Raft leader %s is gone: starting a Raft election now", self.server_id, against)
+        forget = self._forget_leader
+        if forget is not None:
+            self._forget_leader = None
+            if leader_id == forget:
+                log.info("%s: Raft leader %s is gone: waiting for the next one", self.server_id, forget)
+                sync.forget_leader()
+        if self.voter:
+            with self._fast_lock:
+                stand = self._fast.tick(now, term, leader_id, sample.is_leader)
+            if stand:
+                log.info("%s: Raft leader is gone and no leader yet: standing in term %d", self.server_id, term + 1)
                 self.fast_elections += 1
                 sync.elect_now()
                 sync.wake()
@@ -773,7 +792,15 @@ class ReplicatedRegistry:
         sync = self._sync
         if sync is None or self._closed or server_id not in self.config:
             return
-        self._elect_against = (self.config.server(server_id).raft_address, time.monotonic() + after_s)
+        if not self.voter:
+            self._forget_leader = self.config.server(server_id).raft_address
+            sync.wake()
+            return
+        sample = self._tick
+        with self._fast_lock:
+            self._fast.leader_gone(
+                self.config.server(server_id).raft_address, time.monotonic(), after_s, sample.term if sample else 0
+            )
         sync.wake()
 
     def prefer_leader(self, server_id: str | None) -> None:

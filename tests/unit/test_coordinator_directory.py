@@ -85,7 +85,7 @@ def test_a_retry_at_a_new_coordinator_keeps_the_request_id() -> None:
         claim = asyncio.ensure_future(d.claim_identity(Identity("alice")))
         await asyncio.sleep(0.02)
         election.coordinator = "s2"
-        d.coordinator_changed()
+        d.coordinator_changed("s2")
         return await claim
 
     assert asyncio.run(scenario())
@@ -222,3 +222,14 @@ def test_commands_survive_the_wire(command: rs.Command) -> None:
 def test_bad_wire_commands_are_refused(wire: object) -> None:
     with pytest.raises(ValueError):
         codec.command_from_wire(wire)
+
+
+def test_coordinator_changes_count_only_after_a_first_coordinator() -> None:
+    state = rs.RegistryState()
+    d = directory(state, Election("s3"), Link(state, down=set()))
+    d.coordinator_changed(None)
+    d.coordinator_changed("s3")
+    assert d.coordinator_changes == 0
+    d.coordinator_changed(None)
+    d.coordinator_changed("s2")
+    assert d.coordinator_changes == 2
