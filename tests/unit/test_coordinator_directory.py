@@ -105,11 +105,11 @@ def test_a_new_coordinator_ends_the_wait_for_a_silent_one_at_once() -> None:
         started = loop.time()
         claim = asyncio.ensure_future(d.claim_identity(Identity("alice")))
         await asyncio.sleep(0.02)
-        d.coordinator_changed()  # the same coordinator again: keep waiting for it
+        d.coordinator_changed("s3")  # the same coordinator again: keep waiting for it
         await asyncio.sleep(0.02)
         assert not claim.done() and [peer for peer, _ in link.asked] == ["s3"]
         election.coordinator = "s2"
-        d.coordinator_changed()
+        d.coordinator_changed("s2")
         approved = await claim
         return approved, loop.time() - started
 
