@@ -21,14 +21,12 @@ host comes back: s6 is the coordinator again everywhere, one registry, no name e
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
-import traceback
 from pathlib import Path
 
 from tests.fault.invariants import Ledger, NoReply, Session, SessionLost, check_settled, coordinator_problems, move, now
-from tests.fault.netlab import LabSpec, NetLab
+from tests.fault.netlab import LabSpec, NetLab, scenario_main
 from tests.support import PYTHON, Cluster, wait_until
 
 HOSTS = ["s1", "s2", "s3", "s4", "s5", "s6"]
@@ -189,33 +187,7 @@ class Scenario:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.fault.multihost_scenario")
-    parser.add_argument("--lab", required=True, help="the lab's LabSpec as JSON (a file)")
-    parser.add_argument("--root", required=True, help="directory for the hosts' directories and logs")
-    args = parser.parse_args(argv)
-    spec = LabSpec.from_json(Path(args.lab).read_text())
-    scenario = Scenario(spec, Path(args.root))
-    crashed = None
-    try:
-        scenario.run()
-    except Exception:
-        crashed = traceback.format_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            scenario.close()
-    print("---- summary ----")
-    for line in scenario.notes:
-        print(line)
-    if crashed:
-        print(f"scenario crashed:\n{crashed}")
-    for failure in scenario.failures:
-        print(f"FAILED: {failure}")
-    ok = crashed is None and not scenario.failures
-    if not ok:
-        for sid in scenario.cluster.ids:
-            print(f"---- {sid} log (tail) ----\n{scenario.cluster.log(sid)[-4000:]}")
-    print("RESULT ok" if ok else "RESULT FAIL", flush=True)
-    return 0 if ok else 1
+    return scenario_main("python -m tests.fault.multihost_scenario", Scenario, argv)
 
 
 if __name__ == "__main__":

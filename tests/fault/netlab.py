@@ -30,6 +30,7 @@ The lab is described by a `LabSpec` (JSON), so a driver started inside the hub n
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -39,10 +40,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterable, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # Every namespace of every run starts with this, then the creating pid, then a random tag.
 NS_PREFIX = "cmf"
@@ -408,3 +411,67 @@ def lab_cluster(root: Path, spec: LabSpec, env: dict[str, str] | None = None) ->
             return self.lab.exec_prefix(server_id)
 
     return LabCluster()
+
+
+# -- scenarios: a driver module run inside the hub namespace, and the test that starts it -------------------
+
+SCENARIO_TIMEOUT_S = 240
+
+
+class LabScenario(Protocol):
+    """What `scenario_main` drives: a scenario over a lab cluster that notes what it saw and what failed."""
+
+    notes: list[str]
+    failures: list[str]
+    cluster: Any  # tests.support.Cluster: `ids` and `log(sid)`
+
+    def run(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def scenario_main(prog: str, make: Callable[[LabSpec, Path], LabScenario], argv: list[str] | None = None) -> int:
+    """The `python -m tests.fault.<scenario> --lab spec.json --root DIR` entry point: run the scenario, print
+    its summary (and the servers' log tails on failure) and a last line `RESULT ok` or `RESULT FAIL`."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--lab", required=True, help="the lab's LabSpec as JSON (a file)")
+    parser.add_argument("--root", required=True, help="directory for the configuration, data and logs")
+    args = parser.parse_args(argv)
+    scenario = make(LabSpec.from_json(Path(args.lab).read_text()), Path(args.root))
+    crashed = None
+    try:
+        scenario.run()
+    except Exception:
+        crashed = traceback.format_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            scenario.close()
+    print("---- summary ----")
+    for line in scenario.notes:
+        print(line)
+    if crashed:
+        print(f"scenario crashed:\n{crashed}")
+    for failure in scenario.failures:
+        print(f"FAILED: {failure}")
+    ok = crashed is None and not scenario.failures
+    if not ok:
+        for sid in scenario.cluster.ids:
+            print(f"---- {sid} log (tail) ----\n{scenario.cluster.log(sid)[-4000:]}")
+    print("RESULT ok" if ok else "RESULT FAIL", flush=True)
+    return 0 if ok else 1
+
+
+def run_lab_scenario(lab: NetLab, module: str, root: Path, repo: Path, timeout_s: float = SCENARIO_TIMEOUT_S) -> None:
+    """Run `python -m <module>` (a `scenario_main`) inside the lab's hub namespace; AssertionError with its
+    summary unless it ends `RESULT ok`."""
+    spec_file = root / "lab.json"
+    spec_file.write_text(lab.spec.to_json())
+    env = dict(os.environ, PYTHONPATH=str(repo), PYTHONUNBUFFERED="1")
+    args = [*lab.hub_prefix(), sys.executable, "-m", module, "--lab", str(spec_file), "--root", str(root)]
+    try:
+        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        raise AssertionError(f"{module} timed out after {timeout_s:.0f}s:\n{out[-8000:]}") from None
+    summary = proc.stdout + proc.stderr
+    print(summary)
+    assert proc.returncode == 0 and "RESULT ok" in proc.stdout, summary[-12000:]

@@ -15,11 +15,8 @@ clients were released and disconnected: consistency over availability).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
-import contextlib
 import sys
-import traceback
 from pathlib import Path
 
 from tests.fault.invariants import (
@@ -32,7 +29,7 @@ from tests.fault.invariants import (
     now,
     ping_all,
 )
-from tests.fault.netlab import LabSpec, lab_cluster
+from tests.fault.netlab import LabSpec, lab_cluster, scenario_main
 from tests.support import wait_until
 
 MINORITY = ["s4", "s5"]
@@ -194,33 +191,7 @@ class Scenario:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.fault.partition_scenario")
-    parser.add_argument("--lab", required=True, help="the lab's LabSpec as JSON (a file)")
-    parser.add_argument("--root", required=True, help="directory for the configuration, data and logs")
-    args = parser.parse_args(argv)
-    spec = LabSpec.from_json(Path(args.lab).read_text())
-    scenario = Scenario(spec, Path(args.root))
-    crashed = None
-    try:
-        scenario.run()
-    except Exception:
-        crashed = traceback.format_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            scenario.close()
-    print("---- summary ----")
-    for line in scenario.notes:
-        print(line)
-    if crashed:
-        print(f"scenario crashed:\n{crashed}")
-    for failure in scenario.failures:
-        print(f"FAILED: {failure}")
-    ok = crashed is None and not scenario.failures
-    if not ok:
-        for sid in scenario.cluster.ids:
-            print(f"---- {sid} log (tail) ----\n{scenario.cluster.log(sid)[-4000:]}")
-    print("RESULT ok" if ok else "RESULT FAIL", flush=True)
-    return 0 if ok else 1
+    return scenario_main("python -m tests.fault.partition_scenario", Scenario, argv)
 
 
 if __name__ == "__main__":

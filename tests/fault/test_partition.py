@@ -3,33 +3,15 @@ the majority keeps working, and after healing there is one coordinator and one r
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.fault.netlab import NetLab
-from tests.support import PYTHON, REPO
-
-SCENARIO_TIMEOUT_S = 240
+from tests.fault.netlab import NetLab, run_lab_scenario
+from tests.support import REPO
 
 
 def test_partition_minority_refuses_majority_serves_heal_converges(
     make_lab: Callable[[list[str]], NetLab], tmp_path: Path
 ) -> None:
     lab = make_lab(["s1", "s2", "s3", "s4", "s5"])
-    spec_file = tmp_path / "lab.json"
-    spec_file.write_text(lab.spec.to_json())
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    args = [*lab.hub_prefix(), PYTHON, "-m", "tests.fault.partition_scenario"]
-    args += ["--lab", str(spec_file), "--root", str(tmp_path)]
-    try:
-        proc = subprocess.run(
-            args, cwd=REPO, env=env, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        raise AssertionError(f"partition scenario timed out after {SCENARIO_TIMEOUT_S}s:\n{out[-8000:]}") from None
-    summary = proc.stdout + proc.stderr
-    print(summary)
-    assert proc.returncode == 0 and "RESULT ok" in proc.stdout, summary[-12000:]
+    run_lab_scenario(lab, "tests.fault.partition_scenario", tmp_path, REPO)
