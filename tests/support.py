@@ -5,6 +5,7 @@ Tests never use the shipped configuration's ports; every process a test starts i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,25 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def run_bounded(main: Callable[[], Awaitable[None]], timeout_s: float) -> None:
+    """Run `main()` in a fresh event loop; the test fails (TimeoutError) if it takes longer than `timeout_s`."""
+
+    async def bounded() -> None:
+        async with asyncio.timeout(timeout_s):
+            await main()
+
+    asyncio.run(bounded())
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    """Await until `predicate()` holds, polling every 10 ms; AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.01)
 
 
 def port_open(host: str, port: int) -> bool:

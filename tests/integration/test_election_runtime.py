@@ -4,7 +4,6 @@ node uses (coordinator, role, servers_up, incarnations, callbacks, operator trig
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -12,25 +11,17 @@ from bully.election import ElectionTimings
 from bully.runtime import ElectionRuntime
 from bully.transport import TcpTransport
 from cluster.config import ClusterConfig, load_config
-from tests.support import write_config
+from tests.support import eventually, run_bounded, write_config
 
 SECRET = b"runtime-test-secret"
 
 
+# The runtime scenarios wait on real timers (T1 0.75 s, elections, reconnects).
+WAIT_S = 10.0
+
+
 def run(main: Callable[[], Awaitable[None]], timeout: float = 30.0) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(timeout):
-            await main()
-
-    asyncio.run(bounded())
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
+    run_bounded(main, timeout)
 
 
 class Server:
@@ -70,32 +61,34 @@ def test_runtimes_in_one_loop_elect_fail_over_and_report_membership(tmp_path: Pa
     async def main() -> None:
         servers = {i: await Server(config, i, incarnation=100).start() for i in ("s1", "s2", "s3")}
         try:
-            await eventually(lambda: all(s.runtime.coordinator == "s3" for s in servers.values()), what="s3")
+            await eventually(lambda: all(s.runtime.coordinator == "s3" for s in servers.values()), WAIT_S, what="s3")
             s1, s3 = servers["s1"].runtime, servers["s3"].runtime
             assert s3.is_coordinator and s3.role == "coordinator" and s1.role == "member"
-            await eventually(lambda: s1.servers_up == {"s1", "s2", "s3"}, what="everyone up")
+            await eventually(lambda: s1.servers_up == {"s1", "s2", "s3"}, WAIT_S, what="everyone up")
             assert s1.peer_incarnations == {"s2": 100, "s3": 100}
             assert ("s3", 100) in servers["s1"].ups
 
             await servers["s3"].stop()  # a crash, as far as the others can tell
-            await eventually(lambda: s1.coordinator == "s2", what="failover to s2")
+            await eventually(lambda: s1.coordinator == "s2", WAIT_S, what="failover to s2")
             # s2 may detect the crash and announce itself before s1 has seen the evidence itself.
-            await eventually(lambda: ("s3", 100) in servers["s1"].downs, what="s3 down at s1")
+            await eventually(lambda: ("s3", 100) in servers["s1"].downs, WAIT_S, what="s3 down at s1")
             assert s1.servers_up == {"s1", "s2"}
             assert servers["s1"].changes[-1] == "s2"
 
             # It restarts as a new incarnation whose registry is not ready: it must not take over yet.
             servers["s3"] = await Server(config, "s3", incarnation=200, can_lead=False).start()
-            await eventually(lambda: servers["s3"].runtime.coordinator == "s2", what="s3 following s2")
-            await eventually(lambda: s1.peer_incarnations.get("s3") == 200, what="the new incarnation")
+            await eventually(lambda: servers["s3"].runtime.coordinator == "s2", WAIT_S, what="s3 following s2")
+            await eventually(lambda: s1.peer_incarnations.get("s3") == 200, WAIT_S, what="the new incarnation")
             assert s1.coordinator == "s2"
             servers["s3"].lead = True
-            await eventually(lambda: all(s.runtime.coordinator == "s3" for s in servers.values()), what="takeback")
+            await eventually(
+                lambda: all(s.runtime.coordinator == "s3" for s in servers.values()), WAIT_S, what="takeback"
+            )
 
             # Operator trigger: an election that ends with the same coordinator at a newer epoch.
             before = (s1.elections, s1.epoch)
             s1.start_election()
-            await eventually(lambda: s1.epoch > before[1] and s1.coordinator == "s3", what="a newer epoch")
+            await eventually(lambda: s1.epoch > before[1] and s1.coordinator == "s3", WAIT_S, what="a newer epoch")
             assert s1.elections == before[0] + 1
         finally:
             for server in servers.values():
@@ -111,7 +104,7 @@ def test_a_malformed_or_impersonating_election_message_is_ignored(tmp_path: Path
         s1 = await Server(config, "s1", incarnation=1).start()
         s2 = await Server(config, "s2", incarnation=1).start()
         try:
-            await eventually(lambda: s1.runtime.coordinator == "s2" == s2.runtime.coordinator, what="s2")
+            await eventually(lambda: s1.runtime.coordinator == "s2" == s2.runtime.coordinator, WAIT_S, what="s2")
             s2.transport.send("s1", {"kind": "coordinator", "sender": "s2", "epoch": "many"})
             s2.transport.send("s1", {"kind": "election", "sender": "s1", "epoch": 50})
             s2.transport.send("s1", {"kind": "somebody-elses", "x": 1})

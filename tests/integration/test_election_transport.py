@@ -18,7 +18,7 @@ import pytest
 from bully.transport import RequestFailed, TcpTransport, seal, unseal
 from cluster.config import ClusterConfig, load_config
 from cluster.framing import LineDecoder
-from tests.support import write_config
+from tests.support import eventually, run_bounded, write_config
 
 SECRET = b"transport-test-secret"
 TIMEOUT_S = 20.0
@@ -29,19 +29,9 @@ def cluster(tmp_path: Path, count: int = 3) -> ClusterConfig:
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(TIMEOUT_S):
-            await main()
-
-    asyncio.run(bounded())
+    run_bounded(main, TIMEOUT_S)
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
 
 
 async def started(config: ClusterConfig, *ids: str, secret: bytes = SECRET) -> list[TcpTransport]:

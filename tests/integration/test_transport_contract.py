@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 from bully.memory_transport import MemoryNetwork, MemoryTransport
 from bully.transport import RequestFailed, TcpTransport, Transport
 from cluster.config import load_config
-from tests.support import write_config
+from tests.support import eventually, run_bounded, write_config
 
 SECRET = b"contract-test-secret"
 TIMEOUT_S = 20.0
@@ -38,19 +37,9 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Factory
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(TIMEOUT_S):
-            await main()
-
-    asyncio.run(bounded())
+    run_bounded(main, TIMEOUT_S)
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
 
 
 async def started(factory: Factory, *ids: str) -> list[Transport]:
