@@ -80,6 +80,8 @@ class Session:
         self.identity: str | None = None
         self.room: str | None = None
         self.owned_room: str | None = None
+        # Rooms of ours the server dissolved unasked: (when we saw it, the last proof of life before it).
+        self.rooms_dissolved: dict[str, list[tuple[float, float]]] = {}
         self.last_alive = 0.0
         self.closed = False
         self.messages_seen = 0
@@ -161,7 +163,15 @@ class Session:
         elif message.get("type") in ("newidentity", "createroom", "deleteroom", "serverchange", "route"):
             self.stray_replies.append(message)
         elif message.get("type") == "roomchange" and message.get("identity") == self.identity:
-            self.room = message.get("roomid") or None
+            former, room = message.get("former"), message.get("roomid") or None
+            if self.owned_room is not None and former == self.owned_room and room == f"MainHall-{self.server}":
+                # Moved out of our own room unasked: the server dissolved it (a deleteroom refused as in doubt
+                # that committed later, or an operator's delete). A server that kept a room the registry deleted
+                # sends nothing, so this cannot hide that bug. Replies before this one on the stream were sent
+                # while the room still stood.
+                self.rooms_dissolved.setdefault(former, []).append((now(), self.last_alive))
+                self.owned_room = None
+            self.room = room
 
     def drain(self) -> None:
         """Read whatever broadcasts are already waiting, without blocking."""
@@ -322,6 +332,14 @@ class Holding:
     def certain_until(self) -> float:
         """Until when the holder certainly still held it."""
         end = max(self.session.last_alive, self.since)
+        if self.kind == "room":
+            seen = [
+                max(alive, self.since)
+                for at, alive in self.session.rooms_dissolved.get(self.name, [])
+                if at >= self.since
+            ]
+            if seen:
+                end = min(end, seen[0])
         for cut in (self.released_at, self.lost_at):
             if cut is not None:
                 end = min(end, cut)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +20,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
 
 
 def session(key: str, server: str = "s1") -> Any:
-    return SimpleNamespace(key=key, server=server, last_alive=0.0, describe=lambda: key)
+    return SimpleNamespace(key=key, server=server, last_alive=0.0, rooms_dissolved={}, describe=lambda: key)
 
 
 def test_a_name_held_by_two_live_sessions_at_once_is_a_duplicate(clock: SimpleNamespace) -> None:
@@ -85,3 +86,33 @@ def test_a_frozen_server_serving_a_released_name_briefly_after_sigcont_is_a_boun
     assert ledger.duplicates() == []
     a.last_alive = 104.0 + 10  # but never for long
     assert len(ledger.duplicates()) == 1
+
+
+def test_a_room_its_server_dissolved_unasked_is_held_only_until_then(clock: SimpleNamespace) -> None:
+    """A deleteroom refused as in doubt may commit later: the owner's server dissolves the room and moves its
+    members to MainHall. Taking the name again after that is no duplicate; before it, it is."""
+    ledger, a, b = Ledger(), session("a", "s4"), session("b", "s2")
+    ledger.approved("room", "den", a)
+    a.last_alive = 102.0
+    a.rooms_dissolved["den"] = [(103.0, 102.0)]  # seen at 103, the last reply before it was sent at 102
+    clock.now = 104.0
+    ledger.approved("room", "den", b)
+    a.last_alive = 110.0  # the owner lives on, in MainHall
+    assert ledger.duplicates() == []
+    clock.now = 101.0  # an approval elsewhere while it certainly still stood
+    ledger.approved("room", "den", session("c", "s3"))
+    assert len(ledger.duplicates()) == 1
+
+
+def test_the_dissolving_roomchange_ends_ownership_and_records_when() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        s = invariants.Session("s4", listener.getsockname())
+        try:
+            s.identity, s.room, s.owned_room, s.last_alive = "ann", "den", "den", 50.0
+            s._observe({"type": "roomchange", "identity": "bob", "former": "den", "roomid": "MainHall-s4"})
+            assert s.owned_room == "den"  # someone else's move says nothing about ours
+            s._observe({"type": "roomchange", "identity": "ann", "former": "den", "roomid": "MainHall-s4"})
+            assert (s.owned_room, s.room) == (None, "MainHall-s4")
+            assert [alive for _, alive in s.rooms_dissolved["den"]] == [50.0]
+        finally:
+            s.close()
