@@ -317,6 +317,37 @@ def _is(kind: str) -> Callable[[dict[str, Any]], bool]:
     return lambda m: m.get("type") == kind
 
 
+# -- a scenario's record --------------------------------------------------------------------------------
+
+
+class ScenarioRecord:
+    """What a fault scenario keeps as it goes: its cluster, ledger and sessions, and the notes and failures
+    `tests.fault.netlab.scenario_main` prints. `cluster` needs `client_address(sid)`, `close()`, `ids`, `log()`."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        self.ledger = Ledger()
+        self.sessions: list[Session] = []
+        self.failures: list[str] = []
+        self.notes: list[str] = []
+        self.t0 = now()
+
+    def note(self, text: str) -> None:
+        line = f"[{now() - self.t0:6.2f}s] {text}"
+        self.notes.append(line)
+        print(line, flush=True)
+
+    def check(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.failures.append(what)
+            self.note(f"FAIL {what}")
+
+    def close(self) -> None:
+        for s in self.sessions:
+            s.close()
+        self.cluster.close()
+
+
 # -- the ledger of approvals ------------------------------------------------------------------------------
 
 

@@ -25,7 +25,16 @@ import contextlib
 import sys
 from pathlib import Path
 
-from tests.fault.invariants import Ledger, NoReply, Session, SessionLost, check_settled, coordinator_problems, move, now
+from tests.fault.invariants import (
+    NoReply,
+    ScenarioRecord,
+    Session,
+    SessionLost,
+    check_settled,
+    coordinator_problems,
+    move,
+    now,
+)
 from tests.fault.netlab import LabSpec, NetLab, scenario_main
 from tests.support import PYTHON, Cluster, wait_until
 
@@ -67,24 +76,9 @@ class HostsCluster(Cluster):
         self.procs.start(server_id, args, self.root, env=self.env, cwd=self.host_dirs[server_id])
 
 
-class Scenario:
+class Scenario(ScenarioRecord):
     def __init__(self, spec: LabSpec, root: Path) -> None:
-        self.cluster = HostsCluster(root, spec)
-        self.ledger = Ledger()
-        self.sessions: list[Session] = []
-        self.failures: list[str] = []
-        self.notes: list[str] = []
-        self.t0 = now()
-
-    def note(self, text: str) -> None:
-        line = f"[{now() - self.t0:6.2f}s] {text}"
-        self.notes.append(line)
-        print(line, flush=True)
-
-    def check(self, ok: bool, what: str) -> None:
-        if not ok:
-            self.failures.append(what)
-            self.note(f"FAIL {what}")
+        super().__init__(HostsCluster(root, spec))
 
     def session(self, server: str, identity: str) -> Session:
         s = Session(server, self.cluster.client_address(server), label=server)
@@ -179,11 +173,6 @@ class Scenario:
         self.check(self.talk(bob, alice, "bye"), "alice hears bob at the end")
         self.check(not self.ledger.duplicates(), f"duplicates: {self.ledger.duplicates()}")
         self.note(self.ledger.summary())
-
-    def close(self) -> None:
-        for s in self.sessions:
-            s.close()
-        self.cluster.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from tests.fault.invariants import (
-    Ledger,
     NoReply,
+    ScenarioRecord,
     Session,
     SessionLost,
     check_settled,
@@ -40,25 +40,10 @@ MAJORITY_RECOVERY_S = 10.0
 MINORITY_REFUSAL_S = 9.0
 
 
-class Scenario:
+class Scenario(ScenarioRecord):
     def __init__(self, spec: LabSpec, root: Path) -> None:
         self.spec = spec
-        self.cluster = lab_cluster(root, spec)
-        self.ledger = Ledger()
-        self.sessions: list[Session] = []
-        self.failures: list[str] = []
-        self.notes: list[str] = []
-        self.t0 = now()
-
-    def note(self, text: str) -> None:
-        line = f"[{now() - self.t0:6.2f}s] {text}"
-        self.notes.append(line)
-        print(line, flush=True)
-
-    def check(self, ok: bool, what: str) -> None:
-        if not ok:
-            self.failures.append(what)
-            self.note(f"FAIL {what}")
+        super().__init__(lab_cluster(root, spec))
 
     def session(self, server: str, identity: str | None = None) -> Session:
         s = Session(server, self.cluster.client_address(server), label=server)
@@ -183,11 +168,6 @@ class Scenario:
         except (SessionLost, NoReply) as exc:
             self.note(f"minority createroom: {exc}")
             return None
-
-    def close(self) -> None:
-        for s in self.sessions:
-            s.close()
-        self.cluster.close()
 
 
 def main(argv: list[str] | None = None) -> int:
