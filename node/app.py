@@ -475,9 +475,9 @@ class Node:
         """Carry out `late_commit_actions`, in order (DropRoomHere was done when the commit was seen)."""
         for action in actions:
             match action:
-                case late.ReleaseIdentity(identity):
+                case late.SubmitRelease(identity):
                     await self.directory.release_identity(Identity(identity))
-                case late.DeleteRoom(room_id, owner):
+                case late.SubmitRoomDelete(room_id, owner):
                     await self.directory.delete_room(RoomId(room_id), Identity(owner))
                 case late.DropRoomHere():
                     pass  # done in _on_applied
