@@ -58,6 +58,8 @@ HEALTHY_S = 3.0
 OVERDUE_CHECK_S = 0.05
 SETTLE_PROBE_S = 2.5
 MIN_SETTLE_S = 7.5
+OUTAGE_SHARE = 0.5
+FAULT_MIXES = ("mixed", "outage")
 # The fake wall clock starts here (2026-01-01), so incarnations look like real ones.
 WALL_EPOCH_S = 1_767_225_600.0
 NETWORK_DELAY_S = (0.0005, 0.004)
@@ -79,6 +81,9 @@ class Options:
     # The churn scenario: a client that quits or drops logs in again within 20 ms with the same name on
     # the same server (see `SimClient._maybe_relogin`).
     churn: bool = False
+    # The fault mix: "mixed" (crashes, freezes and partitions, one at a time) or "outage" (the pairing
+    # scenario, `World._outage_fault`: quorum lost for seconds, and coordinator freezes).
+    faults: str = "mixed"
     # Production timings, except what a test sets (every timing is settable: cluster/timings.py).
     timings: ClusterTimings = field(default_factory=ClusterTimings)
 
@@ -302,6 +307,9 @@ class World:
         if not self.chaos:
             return
         self.faults += 1
+        if self.options.faults == "outage":
+            self._outage_fault()
+            return
         roll = self.rng.random()
         victim = self.rng.choice(self.ids)
         if roll < 0.3:
@@ -319,6 +327,25 @@ class World:
             span = self.rng.uniform(0.5, 6.0)
             self.scheduler.after(span, self.heal)
         self.scheduler.after(span + self.rng.uniform(1.0, 4.0), self._fault)
+
+    def _outage_fault(self) -> None:
+        """The "outage" mix: all servers but one frozen for longer than a request's deadline (no quorum:
+        releases fail, so the running server's clients leave orphans behind one by one, of different ages),
+        or the coordinator frozen for a moment (the coordinator changes under the reconciler's releases)."""
+        if self.rng.random() < OUTAGE_SHARE:
+            keep = self.rng.choice(self.ids)
+            frozen = [sid for sid in self.ids if sid != keep and self._live(sid)]
+            span = self.options.timings.request_deadline_s + self.rng.uniform(2.0, 6.0)
+        else:
+            # The coordinator most servers follow (sorted: a set's order differs between processes).
+            coordinators = [c for s in self._running if not s.paused and (c := s.node.election.coordinator)]
+            top = max(sorted(set(coordinators)), key=coordinators.count, default=None)
+            frozen = [top] if top is not None and self._live(top) else []
+            span = self.rng.uniform(0.5, 2.5)
+        for sid in frozen:
+            self.pause(sid)
+            self.scheduler.after(span, lambda sid=sid: self.resume(sid))
+        self.scheduler.after(span + self.rng.uniform(0.5, 2.0), self._fault)
 
     def _restart(self, sid: str) -> None:
         server = self.servers.get(sid)
@@ -485,6 +512,8 @@ class World:
             parts.append(f"--mutation {o.mutation}")
         if o.churn:
             parts.append("--churn")
+        if o.faults != Options.faults:
+            parts.append(f"--faults {o.faults}")
         if o.timings.reconcile_interval_s != ClusterTimings().reconcile_interval_s:
             parts.append(f"--reconcile-interval {o.timings.reconcile_interval_s}")
         return " ".join(parts)
