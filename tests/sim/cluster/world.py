@@ -31,6 +31,7 @@ server, each session and room registered, every server registered with its curre
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -134,7 +135,7 @@ class World:
         self._digest = hashlib.sha256()
         self.chaos = True
         self.faults = 0
-        self._change_key: tuple[int, ...] | None = None
+        self._change_key: int | None = None
         self._next_overdue_check = 0.0
         self.errors: list[str] = []
         self.dead_loops: list[SimLoop] = []
@@ -250,7 +251,7 @@ class World:
     def run(self) -> World:
         with _simulated_process(self):
             for sid in self.ids:
-                self.scheduler.at(self.rng.uniform(0, 0.3), lambda sid=sid: self.boot(sid))
+                self.scheduler.at(self.rng.uniform(0, 0.3), functools.partial(self.boot, sid))
             self._every(TICK_S, lambda: self.raft.tick(self.clock.now))
             for client in self.clients:
                 self._client_loop(client)
@@ -344,7 +345,7 @@ class World:
             span = self.rng.uniform(0.5, 2.5)
         for sid in frozen:
             self.pause(sid)
-            self.scheduler.after(span, lambda sid=sid: self.resume(sid))
+            self.scheduler.after(span, functools.partial(self.resume, sid))
         self.scheduler.after(span + self.rng.uniform(0.5, 2.0), self._fault)
 
     def _restart(self, sid: str) -> None:
@@ -392,18 +393,18 @@ class World:
             if up.get(server.server_id) != server.node.incarnation:
                 continue  # declared down (or not yet back): its sessions are being closed
             snapshot = core.snapshot()
-            for client in snapshot.clients:
-                other = holders.setdefault(client.identity, server.server_id)
+            for session in snapshot.clients:
+                other = holders.setdefault(session.identity, server.server_id)
                 if other != server.server_id:
-                    self.fail(f"identity {client.identity} is held by sessions on {other} and {server.server_id}")
+                    self.fail(f"identity {session.identity} is held by sessions on {other} and {server.server_id}")
                 # A session's name commits before the session exists; if this server's own release freed it
                 # since, the registry lost a live session's name (a release built from a stale view: the
                 # reconciler acting on an entry orphaned for a moment, as in the pairing bug).
-                if client.identity not in registered and self.released.get(client.identity) == (
+                if session.identity not in registered and self.released.get(session.identity) == (
                     server.server_id,
                     server.node.incarnation,
                 ):
-                    self.fail(f"{server.server_id} released {client.identity} while a session of it holds that name")
+                    self.fail(f"{server.server_id} released {session.identity} while a session of it holds that name")
             for room in snapshot.rooms:
                 if (room.room_id, server.server_id, server.node.incarnation) in self.deleted_rooms:
                     continue  # deleted from the registry first, then from the server (maybe frozen meanwhile)
