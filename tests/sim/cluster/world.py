@@ -47,7 +47,7 @@ from cluster.config import ClusterConfig, parse_config
 from cluster.names import is_mainhall
 from cluster.timings import ClusterTimings
 from node.app import Node, NodeOptions
-from node.server import DIRECTORY_TIMEOUT_S
+from node.server import DIRECTORY_TIMEOUT_S, ChatServer
 from registry import state as rs
 from tests.sim.cluster.clients import SimClient
 from tests.sim.cluster.loop import Clock, Scheduler, SimLoop
@@ -142,6 +142,7 @@ class World:
         self.released: dict[str, tuple[str, int]] = {}  # name -> (server, incarnation) of the release that freed it
         self.deleted_rooms: set[tuple[str, str, int]] = set()  # (room, server, incarnation) of ok DeleteRooms
         self._running: list[SimServer] = []  # the live servers, as of the last topology change
+        self._chats: list[ChatServer] = []  # their chat servers (`_check` reads them after every step)
 
     # -- topology -------------------------------------------------------------------------------------------
 
@@ -173,6 +174,7 @@ class World:
     def _topology_changed(self, what: str) -> None:
         self.log(f"** {what}")
         self._running = self.servers_alive()
+        self._chats = [server.node.chat for server in self._running]
         self._change_key = None
         now = self.clock.now
         for sid in self.ids:
@@ -376,10 +378,9 @@ class World:
                 overdue = client.overdue(now, ANSWER_BOUND_S)
                 if overdue is not None:
                     self.fail(overdue)
-        live = self._running
         key = self.raft.commit
-        for server in live:
-            key = key * 31 + server.node.chat.generation
+        for chat in self._chats:
+            key = key * 31 + chat.generation
         if key == self._change_key:
             return
         self._change_key = key
@@ -387,7 +388,7 @@ class World:
         holders: dict[str, str] = {}
         hosts: dict[str, str] = {}
         registered = {entry.identity: entry for entry in self.raft.committed.identities()}
-        for server in live:
+        for server in self._running:
             core = server.node.chat.core
             core.check_invariants()
             if up.get(server.server_id) != server.node.incarnation:
