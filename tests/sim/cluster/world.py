@@ -37,16 +37,19 @@ import io
 import logging
 import random
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 from bully.memory_transport import MemoryNetwork, MemoryTransport
 from cluster.config import ClusterConfig, parse_config
 from cluster.names import is_mainhall
 from cluster.timings import ClusterTimings
 from node.app import Node, NodeOptions
+from node.reconcile import Orphan, Reconciler
 from node.server import DIRECTORY_TIMEOUT_S, ChatServer
 from registry import state as rs
 from tests.sim.cluster.clients import SimClient
@@ -561,13 +564,42 @@ def _simulated_process(world: World) -> Iterator[None]:
     chatmesh.setLevel(logging.ERROR)
     chatmesh.propagate = False
     chatmesh.handlers = [handler]
+    reviewing = mock.patch.object(Reconciler, "review", _checked_review(world, Reconciler.review))
+    reviewing.start()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         for loop in [*world.dead_loops, *(s.loop for s in world.servers.values() if s.alive)]:
             loop.bury()
+        reviewing.stop()
         time.time, time.time_ns = real_time, real_time_ns  # type: ignore[assignment]
         chatmesh.setLevel(saved[0])
         chatmesh.propagate = saved[1]
         chatmesh.handlers = saved[2]
+
+
+def _checked_review(
+    world: World, review: Callable[[Reconciler, Iterable[Orphan]], list[Orphan]]
+) -> Callable[[Reconciler, Iterable[Orphan]], list[Orphan]]:
+    """`Reconciler.review` (whichever is in force, a mutation's too) with its rule checked on the real
+    inputs of every pass: it releases only what it was given at this look and at the look before (with
+    `passes` = 2, as every server runs it). Found orphans are rare and short-lived, so a release made one look
+    early is otherwise harmless today (names stay live while their release is in flight, and a login waits
+    for a release of its name), which is why no end-to-end invariant sees it (docs/simulation.md)."""
+    previous: weakref.WeakKeyDictionary[Reconciler, frozenset[Orphan]] = weakref.WeakKeyDictionary()
+
+    def checked(self: Reconciler, orphans: Iterable[Orphan]) -> list[Orphan]:
+        found = list(orphans)
+        released = review(self, found)
+        before = previous.get(self, frozenset())
+        previous[self] = frozenset(found)
+        if self.passes == 2:
+            for orphan in released:
+                if orphan not in before or orphan not in found:
+                    world.errors.append(
+                        f"the reconciler released {orphan.kind} {orphan.name}, not orphaned at two looks in a row"
+                    )
+        return released
+
+    return checked
