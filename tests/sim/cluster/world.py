@@ -12,7 +12,8 @@ over ElectionNode) on its own `SimLoop`. What stands in for the outside world:
 One `random.Random(seed)` draws everything: delays, faults, client behaviour, election jitter.
 
 A run: boot every server, then a chaos phase where clients act and faults strike one at a time (a crash
-and restart, a freeze and thaw, a partition and heal), then everything heals and the cluster settles.
+and restart, a freeze and thaw, a partition and heal; or, with `faults="outage"`, a quorum lost for
+seconds or a frozen coordinator), then everything heals and the cluster settles.
 
 Invariants, after every step:
 - no identity is held by active sessions on two servers whose incarnations the committed registry shows
@@ -22,7 +23,9 @@ Invariants, after every step:
 - no committed ReleaseIdentity frees a name that a session of that same server life still holds;
 - no committed "server down" names a server life that was alive, unfrozen and on a majority side for the
   whole last `HEALTHY_S` (a healthy server is never fenced);
-- each ChatCore's own invariants hold; no production callback or task raises.
+- each ChatCore's own invariants hold; no production callback or task raises;
+- every reconciler pass keeps the reconciler's rule: it releases only what it found at this look and the
+  one before (`_checked_review`).
 After the heal and settle: one coordinator everywhere (the highest priority), every replica identical to
 the committed log, and no orphan either way (each registry entry backed by a live session or room of its
 server, each session and room registered, every server registered with its current incarnation).
