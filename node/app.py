@@ -538,8 +538,10 @@ class Node:
             unheard_grace_s=self.timings.unheard_grace_s,
         )
         while True:
+            # asyncio.timeout, not wait_for: wait_for wraps Event.wait in a new task every tick (ten a second).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._membership_wake.wait(), self.timings.membership_interval_s)
+                async with asyncio.timeout(self.timings.membership_interval_s):
+                    await self._membership_wake.wait()
             self._membership_wake.clear()
             view = MembershipView(
                 now=self.loop.time(),

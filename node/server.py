@@ -269,7 +269,7 @@ class ChatServer:
         """Release `identity` for the reconciler the way a quit's release goes: a claim of the same name
         here waits for it (`_after_release`) instead of racing it to the coordinator, where the two could
         land in either order and the release free the new session's name."""
-        await self._release_identity(identity)
+        await self._spawn_release(identity)  # its own task: `_after_release` waits for that task to end
 
     async def operator_delete_room(self, room_id: str) -> str:
         """Delete a local room for an operator: "ok", "not-found", "not-local", "mainhall", or "unavailable"

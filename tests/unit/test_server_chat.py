@@ -707,3 +707,23 @@ def test_disconnect_all_tells_clients_without_releasing_and_keeps_serving() -> N
         assert events.count(("connections_accepted", 1)) == 2
 
     run(scenario)
+
+
+def test_a_login_waits_for_the_reconcilers_release_of_its_name() -> None:
+    """The reconciler's release of an orphan name goes first; a login of that name here waits for it
+    instead of racing it to the coordinator (which the release could reach last and free the new name)."""
+
+    async def scenario() -> None:
+        async with serving() as (server, directory):
+            directory.identities["Alice"] = "s1"  # registered here, no session: an orphan
+            directory.delay_s = 0.5
+            release = asyncio.ensure_future(server.release_orphan(Identity("Alice")))
+            await eventually(lambda: ("release", "Alice") in directory.calls)
+            directory.delay_s = 0.0  # a claim sent now would be answered at once, "taken"
+            c = await Client.connect(server.port)
+            await c.login("Alice")
+            await release
+            assert directory.calls[-2:] == [("release", "Alice"), ("claim", "Alice")]
+            assert directory.identities == {"Alice": "s1"}
+
+    run(scenario)

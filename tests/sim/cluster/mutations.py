@@ -9,8 +9,10 @@ shows the loops as they were).
   keys, so a command was issued when some other command's key had been a suspect in the previous pass:
   an entry orphaned for only one pass (a session that just ended) was released by a command built from a
   stale view, which can land after the name was claimed again on the same server. A set's order depends
-  on string hashing; the mutation pairs with the keys in sorted order instead, which is as wrong and
-  replays the same in every process.
+  on string hashing; the mutation pairs with the keys in the order of a stable hash of each (a set's
+  order, replaying the same in every process). Sorted order would not do: `find_orphans` lists the
+  registry's entries sorted already, so zipping with sorted keys pairs (nearly) every orphan with its
+  own key: the earlier, sorted version of this mutation could not be found by any workload.
 - `reconciler-release-race` (found by the "outage" fault mix, fixed with it): the reconciler sent its
   identity releases straight to the directory, so a login of the same name on the same server did not
   wait for them; with no coordinator both waited, and when one appeared the claim could go first and the
@@ -24,6 +26,7 @@ shows the loops as they were).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from unittest import mock
 
@@ -38,7 +41,10 @@ def _review_with_pairing_bug(self: Reconciler, orphans: Iterable[Orphan]) -> lis
     found = list(orphans)
     keys = set(found)
     suspects = set(self._seen)
-    release = [orphan for orphan, key in zip(found, sorted(keys, key=repr), strict=False) if key in suspects]
+    # A set iterates in hash order, unrelated to the list's (sorted) order; a stable hash keeps that
+    # and replays the same in every process.
+    in_set_order = sorted(keys, key=lambda key: hashlib.sha256(repr(key).encode()).digest())
+    release = [orphan for orphan, key in zip(found, in_set_order, strict=False) if key in suspects]
     self._seen = {key: 1 for key in keys}
     return release
 
