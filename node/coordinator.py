@@ -232,20 +232,27 @@ class ClusterDirectory:
             command.request_id, started, deadline_s, t.peer_request_timeout_s, t.retry_pause_s, t.no_coordinator_wait_s
         )
         wire = {"kind": REQUEST_KIND, "command": command_to_wire(command)}
-        while True:
-            match retry.next(loop.time(), self.election.coordinator):
-                case Finish(approved, in_doubt):
-                    break
-                case Wait(timeout_s):
-                    await self._wait_coordinator_change(timeout_s)
-                case Ask(coordinator, timeout_s):
-                    try:
-                        reply = await self._ask(coordinator, wire, timeout_s)
-                    except Exception as exc:  # RequestFailed, timeouts: the coordinator may be gone
-                        log.debug("request %s to %s failed: %s", command.request_id, coordinator, exc)
-                        retry.failed(loop.time())
-                    else:
-                        retry.answered(loop.time(), reply)
+        try:
+            while True:
+                match retry.next(loop.time(), self.election.coordinator):
+                    case Finish(approved, in_doubt):
+                        break
+                    case Wait(timeout_s):
+                        await self._wait_coordinator_change(timeout_s)
+                    case Ask(coordinator, timeout_s):
+                        try:
+                            reply = await self._ask(coordinator, wire, timeout_s)
+                        except Exception as exc:  # RequestFailed, timeouts: the coordinator may be gone
+                            log.debug("request %s to %s failed: %s", command.request_id, coordinator, exc)
+                            retry.failed(loop.time())
+                        else:
+                            retry.answered(loop.time(), reply)
+        except asyncio.CancelledError:
+            if retry.abandoned(loop.time()).in_doubt:
+                self.refusals += 1
+                self._mark_in_doubt(command)
+                log.warning("request %s (%s) in doubt: abandoned", command.request_id, type(command).__name__)
+            raise
         if approved:
             self.approvals += 1
             self.latency.observe(loop.time() - started)

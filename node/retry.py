@@ -23,6 +23,10 @@ Rules, in order:
 5. A non-final refusal or no reply pauses `retry_pause_s` before the next attempt, unless the coordinator
    changes meanwhile (the new one is asked at once); a coordinator change while asking retries at once.
 6. One attempt waits at most `attempt_timeout_s` (and never past the deadline).
+7. A request its caller gives up on before it finished (`abandoned(now)`: the session's own backstop, a
+   closed connection, shutdown) finishes refused, and in doubt under rule 3, counting an attempt still in
+   flight: its command may have reached the coordinator and may commit later (found by the cluster
+   simulation: a server frozen past its 8 s backstop never undid a deleteroom that committed after).
 """
 
 from __future__ import annotations
@@ -117,6 +121,13 @@ class RequestRetry:
         assert asked is not None, "failed() without an Ask"
         self.maybe_submitted = True
         self._pause(now, asked)
+
+    def abandoned(self, now: float) -> Finish:
+        """The caller stopped waiting; the outcome it must act on (rule 7)."""
+        if self._finished is not None:
+            return self._finished
+        in_flight, self._asking = self._asking is not None, None
+        return self._finish(Finish(False, in_doubt=self.maybe_submitted or in_flight))
 
     @property
     def finished(self) -> Finish | None:

@@ -120,3 +120,35 @@ def test_a_finished_request_stays_finished() -> None:
     r.next(0.0, "s3")
     r.answered(0.01, {"ok": True})
     assert r.next(10.0, None) == Finish(True) == r.finished
+
+
+def test_an_abandoned_request_with_an_attempt_in_flight_is_in_doubt() -> None:
+    """Rule 7: the session's backstop cancels the request while the coordinator has it: it may commit."""
+    r = retry()
+    r.next(0.0, "s3")
+    assert r.abandoned(1.0) == Finish(False, in_doubt=True)
+    assert r.finished == Finish(False, in_doubt=True)
+
+
+def test_an_abandoned_request_never_submitted_is_not_in_doubt() -> None:
+    r = retry()
+    r.next(0.0, None)  # waiting for a coordinator: nothing was sent
+    assert r.abandoned(0.3) == Finish(False, in_doubt=False)
+    r = retry()
+    r.next(0.0, "s3")
+    r.answered(0.01, {"ok": False, "reason": "not-coordinator", "coordinator": None})
+    assert r.abandoned(0.02) == Finish(False, in_doubt=False)  # pausing after a refusal that submitted nothing
+
+
+def test_an_abandoned_request_paused_after_a_lost_attempt_is_in_doubt() -> None:
+    r = retry()
+    r.next(0.0, "s3")
+    r.failed(2.0)
+    assert r.abandoned(2.01) == Finish(False, in_doubt=True)
+
+
+def test_abandoning_a_finished_request_keeps_its_outcome() -> None:
+    r = retry()
+    r.next(0.0, "s3")
+    r.answered(0.01, {"ok": True, "final": True})
+    assert r.abandoned(0.02) == Finish(True)
