@@ -5,7 +5,8 @@
 For 3 and 5 nodes, journal on and off: claims submitted at the Raft leader and at a follower, one writer
 at a time, 16 and 64 concurrent writers (the registry batches one loop turn's commands into one log entry;
 the 64-writer rate over the 1-writer rate is what concurrency can buy when the commit is all there is).
-Each latency is measured inside the node, from `submit` to the applied result. Also measures what one journal append costs in isolation. Prints a table and writes JSON.
+Each latency is measured inside the node, from `submit` to the applied result. Also measures what one
+journal append costs in isolation. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
