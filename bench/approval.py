@@ -594,7 +594,12 @@ def against_floors(per_size: list[dict[str, Any]], persistent_size: int, cores: 
 def format_floor(entry: dict[str, Any]) -> str:
     growth = "growth" in entry["target"]
     fmt = (lambda v: f"{v:+.0%}") if growth else (lambda v: f"{v:.2f}x")
-    verdict = "within reach here" if entry["reachable"] else "NOT reachable on this machine by any such design"
+    if growth:
+        # A fixed cost per login on top of the commit dilutes its growth: a slower design can grow less than
+        # the floor does, so a floor past the target only says a design *at* the floor misses it.
+        verdict = "a design at the floor meets it" if entry["reachable"] else "a design at the floor misses it"
+    else:
+        verdict = "within reach here" if entry["reachable"] else "NOT reachable on this machine by any such design"
     return (f"  {entry['target']}: measured {fmt(entry['measured'])}, floor {fmt(entry['floor'])} "
             f"[{entry['floor_is']}], target {'<' if growth else '>=' if 'concurrent' in entry['target'] else '<='} "
             f"{fmt(entry['limit'])}: {verdict}")  # fmt: skip
