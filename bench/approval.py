@@ -8,7 +8,10 @@ For every cluster size, a bare registry of the same size (`bench.registry.regist
 nodes without the chat server, journal on) runs beside the chat cluster, and blocks of its commit (one
 writer at the Raft leader) are measured before, between and after the chunks of each phase. Every figure
 is also given as a multiple of the commit p50 measured around it: on a shared machine that ratio is the
-figure that holds.
+figure that holds. The same blocks measure the floors (a commit submitted at a follower, a client's claim
+one hop from a bare replica, bare asyncio hops: `CommitProbe`, `bench.hop`) and, once per size, bare
+commits with 64 writers against one; each target is then printed beside its floor (`against_floors`).
+The bare nodes and hops run at the CPU priority the chat servers take (`match_server_priority`).
 
 Modes:
 
@@ -47,6 +50,7 @@ from bench.common import (
     format_table,
     latency_summary,
     machine_info,
+    match_server_priority,
     node_importable,
     proc_cpu_s,
     server_pid,
@@ -475,6 +479,8 @@ def measure_size(size: int, counts: dict[str, int], persistent: bool, env: dict[
         bench_cluster(size, env, "bench-approval-") as cluster,
         hop_processes(env) as hops,
     ):
+        node_pids = [int(proc.pid) for proc in nodes.procs.procs.values()]
+        match_server_priority(node_pids + hops.pids, env)
         run_load(nodes, leader, 50, 1, "warm")
         run_load(nodes, follower, 50, 1, "warmf")
         chat_pids = [server_pid(cluster, s) for s in cluster.ids]
