@@ -8,7 +8,10 @@ For every cluster size, a bare registry of the same size (`bench.registry.regist
 nodes without the chat server, journal on) runs beside the chat cluster, and blocks of its commit (one
 writer at the Raft leader) are measured before, between and after the chunks of each phase. Every figure
 is also given as a multiple of the commit p50 measured around it: on a shared machine that ratio is the
-figure that holds.
+figure that holds. The same blocks measure the floors (a commit submitted at a follower, a client's claim
+one hop from a bare replica, bare asyncio hops: `CommitProbe`, `bench.hop`) and, once per size, bare
+commits with 64 writers against one; each target is then printed beside its floor (`against_floors`).
+The bare nodes and hops run at the CPU priority the chat servers take (`match_server_priority`).
 
 Modes:
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -46,11 +50,15 @@ from bench.common import (
     format_table,
     latency_summary,
     machine_info,
+    match_server_priority,
     node_importable,
     proc_cpu_s,
     server_pid,
 )
-from bench.registry import registry_cluster, run_load
+from bench.hop import HopFloor, hop_processes
+from bench.registry import COMMIT_TIMEOUT_S, INCARNATION, registry_cluster, run_load
+from registry import state as rs
+from registry.codec import command_to_wire
 
 CONCURRENT_CLIENTS = 64
 # Targets of issue 14, as multiples of the bare commit p50 measured in the same run.
@@ -67,6 +75,8 @@ TARGET_APPROVALS_PER_S = 1000.0
 LEADER_WAIT_S = 10.0
 # Sequential phases run in this many chunks, with a block of bare commits before, between and after.
 CHUNKS = 4
+# Commits per writer when the bare registry's 64 writers are timed (enough rounds that ramp-up does not count).
+BATCHING_ROUNDS = 20
 # Warm-up requests per server before measuring (connections, caches, the Raft pipeline).
 WARMUP = 20
 
@@ -200,9 +210,50 @@ def rows_of(where: str, mode: str, phase: Phase, commit: dict[str, Any]) -> list
                 "server_cpu_ms_per_approval": 1000.0 * phase.cpu_s / max(1, phase.approvals),
                 "commit_cpu_ms": commit["cpu_ms_per_commit"],
                 "cpu_x_commit": 1000.0 * phase.cpu_s / max(1, phase.approvals) / commit["cpu_ms_per_commit"],
+                **floor_of(where, mode, commit),
             }
         )
     return rows
+
+
+def floor_of(where: str, mode: str, commit: dict[str, Any]) -> dict[str, Any]:
+    """What no design that keeps the registry in Raft can beat on this machine, from the floors measured
+    around the same phase (medians). The smallest whole approval is a client one hop from a process that
+    holds a replica and commits the claim (`CommitProbe.client_submits`): at the Raft leader for a client
+    of the coordinator; for a client of another server either at its own replica (a follower: PySyncObj
+    forwards to the leader) or, one more bare hop away, at the leader, whichever is less. A login cycle
+    adds a fresh connection (connect + one exchange, less one exchange on an open connection). The tail
+    floor is the p99 of that smallest approval. Concurrent phases have no latency floor (their bound is
+    throughput: `CommitProbe.batching_floor`)."""
+    floors = commit["floors"]
+    if "concurrent" in mode:
+        return {}
+    leader = commit["p50_ms"]
+    hop1 = floors["hop1"]["p50_ms"]
+    extra_hop = floors["hop2"]["p50_ms"] - hop1
+    connect = floors["connect_hop1"]["p50_ms"] - hop1 if mode == "login cycle" else 0.0
+    at_leader, at_follower = floors["client_leader_commit"], floors["client_follower_commit"]
+    if where == "coordinator":
+        floor_ms, tail_ms, via = connect + at_leader["p50_ms"], at_leader["p99_ms"], "client -> leader's replica"
+    elif at_follower["p50_ms"] <= at_leader["p50_ms"] + extra_hop:
+        floor_ms, tail_ms, via = connect + at_follower["p50_ms"], at_follower["p99_ms"], "client -> follower's replica"
+    else:
+        floor_ms, tail_ms = connect + extra_hop + at_leader["p50_ms"], extra_hop + at_leader["p99_ms"]
+        via = "client -> bare hop -> leader's replica"
+    return {
+        "floor_p50_ms": floor_ms,
+        "floor_x_commit": floor_ms / leader,
+        "floor_p99_x_commit": (connect + tail_ms) / leader,
+        "floor_via": via,
+        "follower_commit_p50_ms": floors["follower_commit"]["p50_ms"],
+        "follower_commit_x_commit": floors["follower_commit"]["p50_ms"] / leader,
+        "client_leader_commit_p50_ms": at_leader["p50_ms"],
+        "client_follower_commit_p50_ms": at_follower["p50_ms"],
+        "hop1_p50_ms": hop1,
+        "hop2_p50_ms": floors["hop2"]["p50_ms"],
+        "connect_hop1_p50_ms": floors["connect_hop1"]["p50_ms"],
+        "commit_p99_x_commit": commit["p99_ms"] / leader,
+    }
 
 
 def log_step(text: str) -> None:
@@ -213,48 +264,131 @@ class CommitProbe:
     """The bare registry commit of the same size, measured in blocks between the chat phases (both clusters
     run side by side), so that a phase is compared with commits taken seconds before and after it. Also the
     CPU both sides use: the chat servers during each chunk, the bare nodes during each block (from /proc),
-    which a busy machine disturbs far less than latency."""
+    which a busy machine disturbs far less than latency.
 
-    def __init__(self, nodes: Any, leader: str, per_block: int, chat_pids: list[int]) -> None:
+    Each block also measures the floors (`bench.hop`): the same number of commits submitted at a Raft
+    follower (PySyncObj forwards them to the leader: one more hop each way), and sequential round trips
+    through one and two bare asyncio processes."""
+
+    def __init__(
+        self, nodes: Any, leader: str, follower: str, per_block: int, chat_pids: list[int], hops: HopFloor
+    ) -> None:
         self.nodes = nodes
         self.leader = leader
+        self.follower = follower
         self.per_block = per_block
         self.chat_pids = chat_pids
+        self.hops = hops
         self.node_pids = [int(proc.pid) for proc in nodes.procs.procs.values()]
         self.blocks = 0
         self.all_ms: list[float] = []
         self.all_cpu_s = 0.0
-        self.last: tuple[list[float], float] = ([], 0.0)
+        self.all_floor: dict[str, list[float]] = {key: [] for key in FLOOR_KEYS}
+        self.last: tuple[list[float], float, dict[str, list[float]]] = ([], 0.0, {})
+        self.batching: dict[str, Any] = {}
+        self._control: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
 
-    async def block(self) -> tuple[list[float], float]:
-        """One block of commits: (latencies in ms, CPU seconds the bare nodes used)."""
+    async def block(self) -> tuple[list[float], float, dict[str, list[float]]]:
+        """One block of commits at the leader: (latencies in ms, CPU seconds the bare nodes used, the floors'
+        latencies in ms: commits at a follower, one-hop and two-hop round trips)."""
         self.blocks += 1
         cpu0 = cpu_s(self.node_pids)
-        result = await asyncio.to_thread(
-            run_load, self.nodes, self.leader, self.per_block, 1, f"p{self.blocks}x", True
+        result = await asyncio.to_thread(run_load, self.nodes, self.leader, self.per_block, 1, f"p{self.blocks}x", True)
+        cpu = cpu_s(self.node_pids) - cpu0
+        follower = await asyncio.to_thread(
+            run_load, self.nodes, self.follower, self.per_block, 1, f"f{self.blocks}x", True
         )
-        self.last = (list(result["ms"]), cpu_s(self.node_pids) - cpu0)
+        floor = {
+            "follower_commit": list(follower["ms"]),
+            "client_leader_commit": await self.client_submits(self.leader, f"cl{self.blocks}x"),
+            "client_follower_commit": await self.client_submits(self.follower, f"cf{self.blocks}x"),
+            "hop1": await self.hops.round_trips(1, self.per_block),
+            "hop2": await self.hops.round_trips(2, self.per_block),
+            "connect_hop1": await self.hops.connect_cycles(self.per_block),
+        }
+        self.last = (list(result["ms"]), cpu, floor)
         self.all_ms += self.last[0]
-        self.all_cpu_s += self.last[1]
+        self.all_cpu_s += cpu
+        for key, values in floor.items():
+            self.all_floor[key] += values
         return self.last
+
+    async def client_submits(self, server_id: str, prefix: str) -> list[float]:
+        """The smallest whole approval: a client one hop from a bare node asks it to commit a claim (the
+        node's control port, `registry_node.py`), timed at the client, sequentially; in ms. The node serves
+        the client from the same loop that submits, like a chat server with its replica in-process."""
+        if server_id not in self._control:
+            port = self.nodes.control_ports[server_id]
+            self._control[server_id] = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        reader, writer = self._control[server_id]
+        ms: list[float] = []
+        for i in range(self.per_block):
+            command = rs.ClaimIdentity(f"{prefix}-{i}", f"{prefix}{i}", server_id, INCARNATION)
+            request = {"op": "submit", "command": command_to_wire(command), "timeout": COMMIT_TIMEOUT_S}
+            line = json.dumps(request).encode() + b"\n"
+            started = time.perf_counter()
+            writer.write(line)
+            reply = json.loads(await reader.readline())
+            if reply.get("ok"):
+                ms.append((time.perf_counter() - started) * 1000.0)
+        return ms
+
+    async def close(self) -> None:
+        for _, writer in self._control.values():
+            writer.close()
+        self._control.clear()
 
     async def around(self, chunks: int, run: Callable[[int], Awaitable[Phase]]) -> tuple[Phase, dict[str, Any]]:
         """`run(i)` for each chunk, a commit block after each; the phase merged (with the chat servers' CPU)
-        and the commits around it (the block before the first chunk included)."""
+        and the commits around it (the block before the first chunk included), with the floors."""
         merged: Phase | None = None
-        ms, cpu = self.last if self.last[0] else await self.block()
+        ms, cpu, floor = self.last if self.last[0] else await self.block()
         commits, commit_cpu = list(ms), cpu
+        floors = {key: list(values) for key, values in floor.items()}
         for i in range(chunks):
             cpu0 = cpu_s(self.chat_pids)
             phase = await run(i)
             phase.cpu_s = cpu_s(self.chat_pids) - cpu0
             merged = phase if merged is None else merged.merge(phase)
-            ms, cpu = await self.block()
+            ms, cpu, floor = await self.block()
             commits += ms
             commit_cpu += cpu
+            for key, values in floor.items():
+                floors[key] += values
         assert merged is not None
         summary = latency_summary([m / 1000.0 for m in commits])
-        return merged, {**summary, "cpu_ms_per_commit": 1000.0 * commit_cpu / max(1, len(commits))}
+        return merged, {
+            **summary,
+            "cpu_ms_per_commit": 1000.0 * commit_cpu / max(1, len(commits)),
+            "floors": floor_summary(floors),
+        }
+
+    async def batching_floor(self, sequential: int, concurrent: int) -> dict[str, Any]:
+        """Bare commits per second at the leader with CONCURRENT_CLIENTS writers against one sequential writer,
+        back to back (the registry batches a loop turn's commands into one log entry): the most concurrency
+        can buy when the commit is all there is, and the bare nodes' CPU per commit under that load."""
+        out: dict[str, Any] = {"count": {"1": sequential, str(CONCURRENT_CLIENTS): concurrent}}
+        for writers, count in ((1, sequential), (CONCURRENT_CLIENTS, concurrent)):
+            cpu0 = cpu_s(self.node_pids)
+            result = await asyncio.to_thread(run_load, self.nodes, self.leader, count, writers, f"b{writers}x")
+            used = cpu_s(self.node_pids) - cpu0
+            out[f"writers_{writers}"] = {
+                "commits_per_s": result["commits_per_s"],
+                "p50_ms": result["p50_ms"],
+                "errors": result["errors"],
+                "cpu_ms_per_commit": 1000.0 * used / max(1, result["commits"]),
+            }
+        one, many = out["writers_1"]["commits_per_s"], out[f"writers_{CONCURRENT_CLIENTS}"]["commits_per_s"]
+        out["concurrent_x_sequential"] = many / one if one else float("nan")
+        self.batching = out
+        return out
+
+
+FLOOR_KEYS = ("follower_commit", "client_leader_commit", "client_follower_commit", "hop1", "hop2", "connect_hop1")
+
+
+def floor_summary(floors: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {key: latency_summary([m / 1000.0 for m in values]) for key, values in floors.items()}
 
 
 def cpu_s(pids: list[int]) -> float:
@@ -306,6 +440,8 @@ async def measure(cluster: Any, counts: dict[str, int], persistent: bool, probe:
             return await login_cycles(other_address, CONCURRENT_CLIENTS, counts["cycles"], "k")
 
         add("other", f"login cycle, {CONCURRENT_CLIENTS} concurrent", await probe.around(1, many_cycles))
+        log_step(f"bare commits: {CONCURRENT_CLIENTS} writers against 1")
+        await probe.batching_floor(counts["commits"] * 5, CONCURRENT_CLIENTS * BATCHING_ROUNDS)
     finally:
         await asyncio.gather(*(c.close() for c in keep), return_exceptions=True)
     for row in rows:
@@ -338,15 +474,32 @@ def raft_leader(cluster: Any, server_id: str) -> str | None:
 def measure_size(size: int, counts: dict[str, int], persistent: bool, env: dict[str, str]) -> dict[str, Any]:
     """One cluster size: the bare registry and the chat cluster side by side, measured in turns."""
     print(f"starting {size} bare registry nodes and a {size}-server chat cluster ...", file=sys.stderr, flush=True)
-    with registry_cluster(size) as (nodes, leader, _), bench_cluster(size, env, "bench-approval-") as cluster:
+    with (
+        registry_cluster(size) as (nodes, leader, follower),
+        bench_cluster(size, env, "bench-approval-") as cluster,
+        hop_processes(env) as hops,
+    ):
+        node_pids = [int(proc.pid) for proc in nodes.procs.procs.values()]
+        match_server_priority(node_pids + hops.pids, env)
         run_load(nodes, leader, 50, 1, "warm")
-        probe = CommitProbe(nodes, leader, counts["commits"], [server_pid(cluster, s) for s in cluster.ids])
-        rows = asyncio.run(measure(cluster, counts, persistent, probe))
+        run_load(nodes, follower, 50, 1, "warmf")
+        chat_pids = [server_pid(cluster, s) for s in cluster.ids]
+        probe = CommitProbe(nodes, leader, follower, counts["commits"], chat_pids, hops)
+
+        async def run() -> list[dict[str, Any]]:
+            try:
+                return await measure(cluster, counts, persistent, probe)
+            finally:
+                await hops.close()
+                await probe.close()
+
+        rows = asyncio.run(run())
     commit = latency_summary([ms / 1000.0 for ms in probe.all_ms])
     commit["cpu_ms_per_commit"] = 1000.0 * probe.all_cpu_s / max(1, len(probe.all_ms))
     for row in rows:
         row["servers"] = size
-    return {"servers": size, "commit": commit, "rows": rows}
+    return {"servers": size, "commit": commit, "floors": floor_summary(probe.all_floor), "batching": probe.batching,
+            "rows": rows}  # fmt: skip
 
 
 def find(rows: list[dict[str, Any]], size: int, mode: str, request: str, where: str = "other") -> dict[str, Any] | None:
@@ -394,6 +547,68 @@ def verdicts(rows: list[dict[str, Any]], persistent_size: int) -> dict[str, bool
         )
     met["no_refusals"] = all(r["refused"] == 0 for r in rows)
     return met
+
+
+def against_floors(per_size: list[dict[str, Any]], persistent_size: int, cores: int) -> list[dict[str, Any]]:
+    """Each issue-14 target beside what was measured and the floor measured in the same run (`floor_of`,
+    `CommitProbe.batching_floor`). `reachable` is False when the floor alone is past the target: then no
+    design that keeps the registry in Raft meets it on this machine."""
+    rows = [row for result in per_size for row in result["rows"]]
+    out: list[dict[str, Any]] = []
+
+    def line(target: str, limit: float, measured: float | None, floor: float | None, floor_is: str) -> None:
+        if measured is None or floor is None:
+            return
+        out.append({"target": target, "limit": limit, "measured": measured, "floor": floor, "floor_is": floor_is,
+                    "reachable": floor <= limit})  # fmt: skip
+
+    persistent = find(rows, persistent_size, "sequential", "newidentity")
+    if persistent is not None:
+        line(f"persistent approval p50 x commit, {persistent_size} servers, client of another server",
+             TARGET_PERSISTENT_X_COMMIT, persistent["p50_x_commit"], persistent["floor_x_commit"],
+             persistent["floor_via"])  # fmt: skip
+    login5 = find(rows, 5, "login cycle", "login")
+    if login5 is not None:
+        line("login cycle p50 x commit, 5 servers", TARGET_LOGIN_P50_X_COMMIT, login5["p50_x_commit"],
+             login5["floor_x_commit"], login5["floor_via"])  # fmt: skip
+        line("login cycle p99 x commit, 5 servers", TARGET_LOGIN_P99_X_COMMIT, login5["p99_x_commit"],
+             login5["floor_p99_x_commit"], f"p99 of {login5['floor_via']}")  # fmt: skip
+    login3, login6 = find(rows, 3, "login cycle", "login"), find(rows, 6, "login cycle", "login")
+    if login3 is not None and login6 is not None:
+        line("login cycle p50 growth 3 -> 6 servers", TARGET_LOGIN_GROWTH_3_TO_6,
+             login6["p50_ms"] / login3["p50_ms"] - 1, login6["floor_p50_ms"] / login3["floor_p50_ms"] - 1,
+             "growth of the floor (bare commit + hops) from 3 to 6 nodes")  # fmt: skip
+    for result in per_size:
+        size = result["servers"]
+        one = find(rows, size, "login cycle", "login")
+        many = find(rows, size, f"login cycle, {CONCURRENT_CLIENTS} concurrent", "login")
+        batching = result.get("batching") or {}
+        if not (one and many and one["approvals_per_s"] and many["approvals_per_s"] and batching):
+            continue
+        measured = many["approvals_per_s"] / one["approvals_per_s"]
+        # All cores busy with nothing but the chat servers' work per login, against the sequential rate.
+        cpu_ceiling = cores / (many["server_cpu_ms_per_approval"] / 1000.0) / one["approvals_per_s"]
+        line(f"login cycle {CONCURRENT_CLIENTS} concurrent x sequential, {size} servers",
+             TARGET_CONCURRENT_X_SEQUENTIAL, measured, cpu_ceiling,
+             f"ceiling: {cores} cores / chat servers' CPU per login, over the sequential rate; bare commits "
+             f"{CONCURRENT_CLIENTS} writers / 1 writer {batching['concurrent_x_sequential']:.1f}x")  # fmt: skip
+        out[-1]["batching_x"] = batching["concurrent_x_sequential"]
+        out[-1]["reachable"] = cpu_ceiling >= TARGET_CONCURRENT_X_SEQUENTIAL
+    return out
+
+
+def format_floor(entry: dict[str, Any]) -> str:
+    growth = "growth" in entry["target"]
+    fmt = (lambda v: f"{v:+.0%}") if growth else (lambda v: f"{v:.2f}x")
+    if growth:
+        # A fixed cost per login on top of the commit dilutes its growth: a slower design can grow less than
+        # the floor does, so a floor past the target only says a design *at* the floor misses it.
+        verdict = "a design at the floor meets it" if entry["reachable"] else "a design at the floor misses it"
+    else:
+        verdict = "within reach here" if entry["reachable"] else "NOT reachable on this machine by any such design"
+    return (f"  {entry['target']}: measured {fmt(entry['measured'])}, floor {fmt(entry['floor'])} "
+            f"[{entry['floor_is']}], target {'<' if growth else '>=' if 'concurrent' in entry['target'] else '<='} "
+            f"{fmt(entry['limit'])}: {verdict}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,6 +673,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result['servers']} servers: bare commit p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms "
               f"({c['count']} commits); coordinator {first['coordinator']}, "
               f"Raft leader {first['raft_leader']}")  # fmt: skip
+    for result in per_size:
+        f, b = result["floors"], result["batching"]
+        print(f"{result['servers']} servers, floors: commit at a follower p50 {f['follower_commit']['p50_ms']:.2f} ms; "
+              f"a client's claim at the leader's replica {f['client_leader_commit']['p50_ms']:.2f} ms, "
+              f"at a follower's {f['client_follower_commit']['p50_ms']:.2f} ms; "
+              f"one hop {f['hop1']['p50_ms']:.3f} ms, two hops {f['hop2']['p50_ms']:.3f} ms, "
+              f"connect + one hop {f['connect_hop1']['p50_ms']:.3f} ms; bare commits/s 1 writer "
+              f"{b['writers_1']['commits_per_s']:.0f}, {CONCURRENT_CLIENTS} writers "
+              f"{b[f'writers_{CONCURRENT_CLIENTS}']['commits_per_s']:.0f} "
+              f"({b['concurrent_x_sequential']:.1f}x)")  # fmt: skip
+    cores = machine_info()["usable_cores"] or 1
+    floors = against_floors(per_size, args.persistent_size, cores)
+    print("against the floors of this run (medians):")
+    for entry in floors:
+        print(format_floor(entry))
     met = verdicts(rows, args.persistent_size)
     print("targets: " + ", ".join(f"{k} {'-' if v is None else 'MET' if v else 'NOT MET'}" for k, v in met.items()))
     report = {
@@ -469,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
         "counts": counts,
         "concurrent_clients": CONCURRENT_CLIENTS,
         "commit": {str(r["servers"]): r["commit"] for r in per_size},
+        "floors": {str(r["servers"]): {**r["floors"], "batching": r["batching"]} for r in per_size},
+        "against_floors": floors,
         "rows": rows,
         "targets": {
             "persistent_p50_x_commit": TARGET_PERSISTENT_X_COMMIT,

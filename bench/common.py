@@ -190,6 +190,27 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of stat)
 
 
+def match_server_priority(pids: Sequence[int], env: dict[str, str]) -> int | None:
+    """Give processes that stand beside the chat servers as their baseline (bare registry nodes, bare hops)
+    the CPU priority a server takes at start (node/priority.py: its nice value, every thread's, and its
+    session autogroup's), so that on a busy machine both sides of a same-run ratio wait alike. Returns the
+    nice value applied, or None when the servers leave theirs alone; without the privilege the servers
+    are refused too, so both keep the normal priority."""
+    from node.priority import parse_cpu_priority
+
+    wanted = parse_cpu_priority(None, {**os.environ, **env})
+    if wanted.nice is None:
+        return None
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, int(tid), wanted.nice)
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/autogroup").write_text(str(wanted.nice), encoding="ascii")
+    return wanted.nice
+
+
 def node_importable() -> str | None:
     """None when `python -m node` can be imported in this checkout, else the reason it cannot."""
     try:

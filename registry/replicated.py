@@ -290,7 +290,7 @@ KEEPALIVE_MESSAGE = "chatmesh-keepalive"
 
 
 class _SyncObj(SyncObj):
-    """PySyncObj with the two hooks this adapter needs, both on private state of the pinned version.
+    """PySyncObj with the hooks this adapter needs, all on private state of the pinned version.
 
     `elect_now()` is what PySyncObj's own TimeoutNow handler does (zero the election deadline) without the
     leader's message: a follower that knows its leader is dead starts a Raft election at its next tick
@@ -311,6 +311,26 @@ class _SyncObj(SyncObj):
     def outlive(self, thread: threading.Thread) -> None:
         self._SyncObj__mainThread = thread
 
+    # Set while _checkCommandsToApply runs (PySyncObj's thread only).
+    _holding_sends = False
+    _sends_held = False
+
+    def _checkCommandsToApply(self) -> None:
+        """PySyncObj's leader appends every queued command to its log and, with `appendEntriesUseBatch` off,
+        sends append-entries to every follower after *each* one: k commands queued since the last tick cost
+        k encrypted messages per follower, k journal writes and k acknowledgements there. Here the sends
+        wait until the queue is drained, then one send carries every new entry (the same entries, in the
+        same order: nothing Raft sees changes but the message count). Commands queue up when the loop
+        hands over several batches between two ticks (concurrent clients on a busy machine, commands
+        forwarded by followers)."""
+        self._holding_sends, self._sends_held = True, False
+        try:
+            super()._checkCommandsToApply()
+        finally:
+            self._holding_sends = False
+        if self._sends_held:
+            self._SyncObj__sendAppendEntries()
+
     def _SyncObj__sendAppendEntries(self) -> None:
         """PySyncObj sends append-entries to every follower *and read-only node* on every command and again
         after every commit (`appendEntriesUseBatch` off). With 19 read-only nodes that is ~80 encrypted
@@ -320,6 +340,9 @@ class _SyncObj(SyncObj):
 
         (This subclass's name mangles like PySyncObj's `SyncObj`, so this method replaces its private
         `__sendAppendEntries` for every caller inside PySyncObj.)"""
+        if self._holding_sends:  # inside _checkCommandsToApply: one send when it is done
+            self._sends_held = True
+            return
         send = SyncObj._SyncObj__sendAppendEntries  # type: ignore[attr-defined]
         readonly = getattr(self, "_SyncObj__readonlyNodes", None)
         due = getattr(self, "_SyncObj__newAppendEntriesTime", 0)
