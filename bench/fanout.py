@@ -51,6 +51,7 @@ from bench.common import (
     format_table,
     latency_summary,
     machine_info,
+    match_server_priority,
     node_importable,
     proc_cpu_s,
     server_pid,
@@ -458,10 +459,13 @@ def relay_server(style: str) -> Iterator[tuple[int, int]]:
         [sys.executable, "-m", "bench.fanout", "--serve-relay", "0", "--relay-style", style],
         cwd=ROOT,
         stdout=subprocess.PIPE,
+        start_new_session=True,  # its own session (autogroup), as each chat server has
     )
     try:
         assert relay.stdout is not None
-        yield int(relay.stdout.readline()), relay.pid
+        port = int(relay.stdout.readline())
+        match_server_priority([relay.pid], {})  # the CPU priority the chat server takes (node/priority.py)
+        yield port, relay.pid
     finally:
         relay.kill()
         relay.wait(timeout=10)
