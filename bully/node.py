@@ -105,7 +105,7 @@ class ElectionNode:
         self._next_mesh_heartbeat: float | None = None
         # Peers whose last heartbeat said they follow us: they get our heartbeat at the full rate.
         self._followers: set[str] = set()
-        self._followed: str | None = None  # the coordinator our heartbeats named so far
+        self._followed: str | None = None  # the last coordinator our heartbeats named
 
     # -- observation -------------------------------------------------------------------------------------------
 
@@ -224,11 +224,13 @@ class ElectionNode:
         return [Send(peer, beat) for peer in sorted(({coordinator} | self._followers) - {self.self_id})]
 
     def _settle(self, outputs: list[Output], now: float) -> list[Output]:
-        """After every input: if the coordinator this server follows changed, tell the previous one and the
-        new one at once (the previous one stops expecting our beats at the full rate, the new one starts),
+        """After every input: if this server follows a new coordinator, tell the previous one and the new
+        one at once (the previous one stops expecting our beats at the full rate, the new one starts),
         then tell the detector whose beats to expect at the full rate."""
         coordinator = self.core.coordinator
-        if coordinator != self._followed:
+        # Following nobody, this server beats everyone from the next tick on anyway: only a new coordinator
+        # is told at once, and with it the last one followed (perhaps before a spell of following nobody).
+        if coordinator is not None and coordinator != self._followed:
             previous, self._followed = self._followed, coordinator
             beat = self._heartbeat()
             for peer in sorted({p for p in (previous, coordinator) if p is not None and p != self.self_id}):
