@@ -33,7 +33,7 @@ browser:
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m mypy cluster registry bully node client bench run_cluster.py
+	$(PY) -m mypy cluster registry bully node client bench run_cluster.py tests/sim/cluster
 
 # What CI runs (.ci/run): ruff and mypy, then every test.
 check: lint test

@@ -1,6 +1,6 @@
 """Noisy neighbour: a 5-server cluster logging clients in next to polling processes; nothing dies.
 
-    python -m bench.noisy_neighbour [--neighbours 0,2,4] [--duration 60] [--quick] [--out ...]
+    python -m bench.noisy_neighbour [--neighbours 0,2,4] [--cpu-nice default,off] [--duration 60] [--quick]
 
 For each N, a fresh 5-server cluster of `python -m node` processes on loopback, settled, then for
 `--duration` seconds a login every 50 ms (a new connection asking for a fresh identity, round-robin over
@@ -8,6 +8,11 @@ the servers, then closed) while N *polling neighbours* run: processes of 16 thre
 2 ms then sleeping 1 ms, the way a busy polling server behaves (the threat is wake-up competition, not CPU
 time: pure CPU-bound neighbours did not disturb the cluster). N = 0 is the baseline measured in the same
 run. Then the neighbours stop, and the time until every server names the same coordinator is measured.
+
+Each N runs once per `--cpu-nice` choice: `default` is the servers as users run them (they raise their own
+CPU priority, node/priority.py; the bench runs as root, so they may), `off` keeps them at the neighbours'
+priority, the way they ran before: the two side by side show what the priority buys (N = 0 runs only the
+first choice).
 
 Reported per N: logins tried/refused, login p50/p99, Raft elections (Raft terms started during the run),
 coordinator changes (the most any server saw), the largest event-loop gap of any server since its start,
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import finish_report, latency_summary, machine_info
+from node.priority import CPU_NICE_ENV, read_autogroup_nice
 from tests.support import ChatClient, Cluster, start_cluster, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,12 +81,20 @@ def _login(cluster: Cluster, server: str, name: str) -> tuple[bool, float]:
     return ok, time.monotonic() - started
 
 
-def run_one(neighbours: int, duration: float) -> dict[str, Any]:
+def _server_priority(cluster: Cluster) -> tuple[int, int | None]:
+    """The nice value and session autogroup nice value the servers run at (the first server's)."""
+    pid = cluster.procs.procs[cluster.ids[0]].pid
+    return os.getpriority(os.PRIO_PROCESS, pid), read_autogroup_nice(Path(f"/proc/{pid}/autogroup"))
+
+
+def run_one(neighbours: int, duration: float, cpu_nice: str) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"chatmesh-noisy-{neighbours}-"))
     procs: list[subprocess.Popen[bytes]] = []
+    env = {} if cpu_nice == "default" else {CPU_NICE_ENV: cpu_nice}
     try:
-        with start_cluster(root, SERVERS) as cluster:
+        with start_cluster(root, SERVERS, env=env) as cluster:
             ids = cluster.ids
+            nice, autogroup_nice = _server_priority(cluster)
             # Settled means Raft leadership has also moved to the coordinator (a hand-over is a Raft election
             # too): only what happens after that is counted.
             wait_until(
@@ -135,6 +149,9 @@ def run_one(neighbours: int, duration: float) -> dict[str, Any]:
     summary = latency_summary(ok)
     row: dict[str, Any] = {
         "neighbours": neighbours,
+        "cpu_nice": cpu_nice,
+        "server_nice": nice,
+        "server_autogroup_nice": autogroup_nice,
         "duration_s": duration,
         "logins": len(results),
         "refused": refused,
@@ -163,12 +180,19 @@ def _met(row: dict[str, Any]) -> dict[str, bool]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = "N  logins  refused  p50 ms  p99 ms  raft elections  coordinator changes  max loop gap ms  agreed s  load"
+    header = (
+        "N  cpu-nice     logins  refused  p50 ms  p99 ms  raft elections  coordinator changes  max loop gap ms"
+        "  agreed s  load"
+    )
     lines = [header]
+
+    def priority(r: dict[str, Any]) -> str:
+        return f"{r['cpu_nice']} ({r['server_nice']})"
+
     for r in rows:
         agreed = "-" if r["agreed_after_load_s"] is None else f"{r['agreed_after_load_s']:.2f}"
         lines.append(
-            f"{r['neighbours']:>1}  {r['logins']:>6}  {r['refused']:>7}  {r['login_p50_ms']:>6.0f}  "
+            f"{r['neighbours']:>1}  {priority(r):<11}  {r['logins']:>6}  {r['refused']:>7}  {r['login_p50_ms']:>6.0f}  "
             f"{r['login_p99_ms']:>6.0f}  {r['raft_elections']:>14}  {r['coordinator_changes']:>19}  "
             f"{r['max_loop_gap_ms']:>15.0f}  {agreed:>8}  {r['load_avg_1m_during']:>4}  "
             + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in r["met"].items())
@@ -179,23 +203,32 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neighbours", default="0,2,4", help="numbers of polling neighbours, comma-separated")
+    parser.add_argument(
+        "--cpu-nice",
+        default="default,off",
+        help="servers' CPU priority per run, comma-separated: default (as users run them), off, or a nice value",
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of logins per N")
     parser.add_argument("--quick", action="store_true", help="15 s per N (a smoke run)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="where to write the JSON results")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.neighbours.split(",") if n.strip()]
+    priorities = [p.strip() for p in args.cpu_nice.split(",") if p.strip()]
     duration = 15.0 if args.quick else args.duration
     if not counts or any(n < 0 for n in counts) or duration <= 0:
         parser.error("need neighbour counts >= 0 and a positive duration")
     started = time.monotonic()
     rows = []
     for n in counts:
-        print(f"N = {n} polling neighbours, {duration:.0f} s ...", file=sys.stderr, flush=True)
-        rows.append(run_one(n, duration))
-        print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        # With no neighbour there is nothing for a priority to win against: one baseline row.
+        for cpu_nice in priorities[:1] if n == 0 else priorities:
+            print(f"N = {n} polling neighbours, cpu-nice {cpu_nice}, {duration:.0f} s ...", file=sys.stderr, flush=True)
+            rows.append(run_one(n, duration, cpu_nice))
+            print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(format_table(rows))
     command = "python -m bench.noisy_neighbour" + (" --quick" if args.quick else "")
     command += f" --neighbours {args.neighbours}" if args.neighbours != "0,2,4" else ""
+    command += f" --cpu-nice {args.cpu_nice}" if args.cpu_nice != "default,off" else ""
     command += f" --duration {args.duration:g}" if args.duration != 60.0 and not args.quick else ""
     report = {
         "command": command,

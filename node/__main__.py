@@ -20,6 +20,7 @@ from cluster.config import ConfigError, load_config
 from cluster.timings import ClusterTimings
 from node import tls
 from node.limits import Limits
+from node.priority import CPU_NICE_ENV, apply_cpu_priority, describe, parse_cpu_priority
 from node.websocket import ORIGINS_ENV
 
 SECRET_ENV = "CHATMESH_SECRET"
@@ -73,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get(EVENT_LOOP_ENV) or "asyncio",
         help=f"{' or '.join(EVENT_LOOPS)} (default ${EVENT_LOOP_ENV}, else asyncio)",
     )
+    parser.add_argument(
+        "--cpu-nice",
+        metavar="N|off",
+        help=f"nice value to run at, -20..19 (default ${CPU_NICE_ENV}, else -10; off: leave it; node/priority.py)",
+    )
     tls.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = ClusterTimings.from_sources(os.environ, args.timing)
         tls_options = tls.options_from(args, os.environ)
         run_loop = loop_runner(args.event_loop)
+        cpu_priority = parse_cpu_priority(args.cpu_nice, os.environ)
         raft_leader = os.environ.get(RAFT_LEADER_ENV, "coordinator")
         if raft_leader not in ("coordinator", "any"):
             raise StartupError(f"{RAFT_LEADER_ENV}={raft_leader!r}: expected coordinator or any")
@@ -115,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 2
     assert secret is not None
+    # Before any thread starts (PySyncObj's, the admin server's): threads inherit the nice value.
+    priority = apply_cpu_priority(cpu_priority)
+    logging.getLogger("chatmesh.node").log(
+        logging.WARNING if priority.refused else logging.INFO, "%s %s", args.id, describe(priority)
+    )
 
     from node.app import Node, NodeOptions
     from registry.replicated import default_data_dir

@@ -34,7 +34,7 @@ from node.coordinator import REQUEST_KIND, ClusterDirectory, CoordinatorService,
 from node.late_commit import LateCommitAction, late_commit_actions
 from node.limits import Limits
 from node.membership import DeclareDown, MembershipPolicy, MembershipView
-from node.reconcile import Reconciler
+from node.reconcile import Orphan, Reconciler
 from node.server import ChatServer
 from node.snapshot import SnapshotBuilder
 from node.stall import LoopMonitor, StallGuard
@@ -476,9 +476,9 @@ class Node:
         """Carry out `late_commit_actions`, in order (DropRoomHere was done when the commit was seen)."""
         for action in actions:
             match action:
-                case late.ReleaseIdentity(identity):
+                case late.SubmitRelease(identity):
                     await self.directory.release_identity(Identity(identity))
-                case late.DeleteRoom(room_id, owner):
+                case late.SubmitRoomDelete(room_id, owner):
                     await self.directory.delete_room(RoomId(room_id), Identity(owner))
                 case late.DropRoomHere():
                     pass  # done in _on_applied
@@ -512,10 +512,20 @@ class Node:
             await asyncio.sleep(self.timings.reconcile_interval_s)
             if not self.serving:
                 continue
-            orphans = self.directory.orphans(self.chat.local_identities(), self.chat.local_room_ids(), time.time())
-            for orphan in reconciler.review(orphans):
+            for orphan in reconciler.review(self._orphans()):
+                # Each release is awaited (up to the request deadline, longer without a quorum): by the time
+                # this one goes, the name may be held or claimed here again, and a release built from the
+                # pass's view would free it under that session. Look again just before sending.
+                if orphan not in self._orphans():
+                    continue
                 log.info("%s: reconciling orphan %s %s", self.server_id, orphan.kind, orphan.name)
-                await self.directory.request(self.directory.release_command(orphan))
+                if orphan.kind == "identity":
+                    await self.chat.release_orphan(Identity(orphan.name))
+                else:
+                    await self.directory.request(self.directory.release_command(orphan))
+
+    def _orphans(self) -> list[Orphan]:
+        return self.directory.orphans(self.chat.local_identities(), self.chat.local_room_ids(), time.time())
 
     async def _membership_loop(self) -> None:
         """Feed `MembershipPolicy` (node/membership.py) every tick and whenever a peer goes down or the

@@ -521,9 +521,9 @@ class ChatCore:
                 out.append(Deliver(s.conn, wire.roomcontents(room.room_id, list(room.members), room.owner)))
             case wire.JoinRoom(roomid):
                 self._on_joinroom(s, identity, room, roomid, out)
-            case wire.CreateRoom(roomid):
+            case wire.CreateRoomMessage(roomid):
                 self._on_createroom(s, identity, roomid, out)
-            case wire.DeleteRoom(roomid):
+            case wire.DeleteRoomMessage(roomid):
                 self._on_deleteroom(s, identity, roomid, out)
             case wire.Quit() | _PeerClosed():
                 self._quit(s, out)

@@ -46,12 +46,16 @@ import registry.state as rs
 
 
 @dataclass(frozen=True, slots=True)
-class ReleaseIdentity:
+class SubmitRelease:
+    """Submit a registry `ReleaseIdentity` for `identity` (undoes a claim nobody here holds)."""
+
     identity: str
 
 
 @dataclass(frozen=True, slots=True)
-class DeleteRoom:
+class SubmitRoomDelete:
+    """Submit a registry `DeleteRoom` for the room (undoes a creation nobody here hosts)."""
+
     room_id: str
     owner: str
 
@@ -77,7 +81,7 @@ class Leave:
     reason: str
 
 
-LateCommitAction = ReleaseIdentity | DeleteRoom | DropRoomHere | EndSession | Leave
+LateCommitAction = SubmitRelease | SubmitRoomDelete | DropRoomHere | EndSession | Leave
 
 # The commands worth remembering when they end in doubt: the others get `Leave` whatever happens.
 UNDOABLE = (rs.ClaimIdentity, rs.CompleteMove, rs.CreateRoom, rs.DeleteRoom, rs.BeginMove)
@@ -95,13 +99,13 @@ def late_commit_actions(
                 return (Leave("held by a session here"),)
             if name in pending:
                 return (Leave("a request for it is in flight here"),)
-            return (ReleaseIdentity(name),)
+            return (SubmitRelease(name),)
         case rs.CreateRoom(room_id=room_id, owner=owner):
             if room_id in local_rooms:
                 return (Leave("hosted by a session here"),)
             if room_id in pending:
                 return (Leave("a request for it is in flight here"),)
-            return (DeleteRoom(room_id, owner),)
+            return (SubmitRoomDelete(room_id, owner),)
         case rs.DeleteRoom(room_id=room_id):
             if room_id in local_rooms:
                 return (DropRoomHere(room_id),)

@@ -43,7 +43,7 @@ class Who:
 
 
 @dataclass(frozen=True, slots=True)
-class CreateRoom:
+class CreateRoomMessage:
     roomid: str
 
 
@@ -60,7 +60,7 @@ class MoveJoin:
 
 
 @dataclass(frozen=True, slots=True)
-class DeleteRoom:
+class DeleteRoomMessage:
     roomid: str
 
 
@@ -74,7 +74,7 @@ class Quit:
     pass
 
 
-ClientMessage = NewIdentity | List | Who | CreateRoom | JoinRoom | MoveJoin | DeleteRoom | Message | Quit
+ClientMessage = NewIdentity | List | Who | CreateRoomMessage | JoinRoom | MoveJoin | DeleteRoomMessage | Message | Quit
 
 # Stateless messages are singletons: no allocation per list/who/quit line.
 _LIST = List()
@@ -109,9 +109,9 @@ def from_wire(obj: dict[str, Any]) -> ClientMessage:
     if kind == "joinroom":
         return JoinRoom(_text(obj, "roomid", kind))
     if kind == "createroom":
-        return CreateRoom(_text(obj, "roomid", kind))
+        return CreateRoomMessage(_text(obj, "roomid", kind))
     if kind == "deleteroom":
-        return DeleteRoom(_text(obj, "roomid", kind))
+        return DeleteRoomMessage(_text(obj, "roomid", kind))
     if kind == "newidentity":
         return NewIdentity(_text(obj, "identity", kind))
     if kind == "movejoin":

@@ -265,6 +265,12 @@ class ChatServer:
         self._apply(effects)
         return found
 
+    async def release_orphan(self, identity: Identity) -> None:
+        """Release `identity` for the reconciler the way a quit's release goes: a claim of the same name
+        here waits for it (`_after_release`) instead of racing it to the coordinator, where the two could
+        land in either order and the release free the new session's name."""
+        await self._release_identity(identity)
+
     async def operator_delete_room(self, room_id: str) -> str:
         """Delete a local room for an operator: "ok", "not-found", "not-local", "mainhall", or "unavailable"
         when the registry did not confirm (then nothing changed). Members move to MainHall as in deleteroom,
@@ -707,10 +713,10 @@ class ChatServer:
     def _spawn_release(self, identity: Identity) -> asyncio.Task[None]:
         return self._spawn(self._release_identity(identity))
 
-    async def _bounded(self, what: str, call: Coroutine[Any, Any, bool]) -> bool:
+    async def _bounded(self, what: str, call: Coroutine[Any, Any, bool], timeout_s: float | None = None) -> bool:
         """A directory answer within the timeout; False on timeout or error (never raises)."""
         try:
-            async with asyncio.timeout(self.directory_timeout_s):
+            async with asyncio.timeout(self.directory_timeout_s if timeout_s is None else timeout_s):
                 return bool(await call)
         except TimeoutError:
             log.warning("%s: directory %s timed out after %gs", self.server_id, what, self.directory_timeout_s)
@@ -725,10 +731,10 @@ class ChatServer:
         match request:
             case ClaimIdentityRequest(identity=identity):
                 await self._after_release(identity)
-                ok = await self._bounded("claim_identity", directory.claim_identity(identity))
+                ok = await self._bounded("claim_identity", directory.claim_identity(identity), self._left(started))
             case CompleteMoveRequest(identity=identity):
                 await self._after_release(identity)
-                ok = await self._bounded("complete_move", directory.complete_move(identity))
+                ok = await self._bounded("complete_move", directory.complete_move(identity), self._left(started))
             case CreateRoomRequest(room_id=room_id, owner=owner):
                 ok = await self._bounded("create_room", directory.create_room(room_id, owner))
             case DeleteRoomRequest(room_id=room_id, owner=owner):
@@ -751,6 +757,12 @@ class ChatServer:
                 if conn.timer is not None:
                     conn.timer.cancel()
                 conn.timer = self._loop.call_later(self.limits.routed_linger_s, self._on_routed_linger, conn.cid)
+
+    def _left(self, started: float) -> float:
+        """What is left of one directory timeout since `started`: a login that first waited for a release
+        of its name is still answered within one `directory_timeout_s`."""
+        assert self._loop is not None
+        return max(0.0, started + self.directory_timeout_s - self._loop.time())
 
     async def _after_release(self, identity: Identity) -> None:
         # A client that quits and logs in again at once must not have its claim refused because the

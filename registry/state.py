@@ -59,6 +59,10 @@ MAX_REQUEST_ID_LENGTH = 128
 
 
 # -- commands -------------------------------------------------------------------------------------
+# A command's class name is stored: PySyncObj's journal pickles it (`registry.state.<Name>`) and the
+# coordination wire carries it as `"op"` (registry/codec.py). Renaming one breaks every existing journal;
+# other layers name their own classes apart instead (client messages `CreateRoomMessage`, chat-core
+# requests `CreateRoomRequest`, late-commit actions `SubmitRoomDelete`).
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,12 +5,14 @@ put back. More seeds: `make sim SEEDS=10000`; one seed: `python -m tests.sim.clu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
 
+from cluster.timings import ClusterTimings
 from tests.sim.cluster.__main__ import run_seed
 from tests.sim.cluster.world import Options, World
 from tests.support import REPO
@@ -19,9 +21,15 @@ SEEDS = int(os.environ.get("CHATMESH_CLUSTER_SEEDS", "200"))
 CHURN_SEEDS = max(1, SEEDS // 5)
 JOBS = int(os.environ.get("CHATMESH_SIM_JOBS", "2"))
 # Stated bounds: each re-introduced bug is found among the first this many seeds (minority-server-down:
-# first at seed 1, 6 of the first 10). The reconciler-pairing mutation has no bound: under every workload
-# tried it decides exactly as the fix does (docs/simulation.md, "Re-introduced bugs").
+# first at seed 1, 6 of the first 10; reconciler-release-race: outage seeds from 1000, first at 1019).
+# The reconciler-pairing mutation has no bound: under every workload tried, the outage mix included, it
+# decides exactly as the fix does (docs/simulation.md, "Re-introduced bugs").
 MINORITY_SERVER_DOWN_SEEDS = 10
+RELEASE_RACE_SEEDS = 40
+OUTAGE = dataclasses.replace(
+    Options(clients=10, faults="outage"),
+    timings=dataclasses.replace(ClusterTimings(), reconcile_interval_s=0.1),
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -93,9 +101,9 @@ def test_the_simulation_runs_the_production_nodes() -> None:
         assert type(node.stall_guard) is StallGuard
 
 
-def first_failure(mutation: str, seeds: int) -> tuple[int, str] | None:
-    for seed in range(seeds):
-        _, failure, _ = run_seed(seed, Options(mutation=mutation))
+def first_failure(mutation: str, seeds: int, options: Options | None = None, first: int = 0) -> tuple[int, str] | None:
+    for seed in range(first, first + seeds):
+        _, failure, _ = run_seed(seed, dataclasses.replace(options or Options(), mutation=mutation))
         if failure is not None:
             return seed, failure
     return None
@@ -109,3 +117,16 @@ def test_the_minority_side_server_down_bug_is_found() -> None:
     seed, failure = found
     assert "was declared down although it has been up and on a majority side" in failure
     assert f"replay: python -m tests.sim.cluster replay {seed} --mutation minority-server-down" in failure
+
+
+def test_the_reconciler_release_race_is_found() -> None:
+    """Found by the outage fault mix: the reconciler's release of an orphan name and a new login of that
+    name on the same server both waited for a coordinator; the claim went first and the release freed the
+    new session's name. The fix sends the reconciler's releases the way a quit's release goes, so the
+    login waits for it; the seed that finds the bug passes with the fix."""
+    found = first_failure("reconciler-release-race", RELEASE_RACE_SEEDS, OUTAGE, first=1000)
+    assert found is not None, f"not found in {RELEASE_RACE_SEEDS} outage seeds"
+    seed, failure = found
+    assert "while a session of it holds that name" in failure
+    assert f"replay {seed} --clients 10 --mutation reconciler-release-race --faults outage" in failure
+    assert run_seed(seed, OUTAGE)[1] is None

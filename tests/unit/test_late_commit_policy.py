@@ -5,11 +5,11 @@ from __future__ import annotations
 import registry.state as rs
 from node.late_commit import (
     UNDOABLE,
-    DeleteRoom,
     DropRoomHere,
     EndSession,
     Leave,
-    ReleaseIdentity,
+    SubmitRelease,
+    SubmitRoomDelete,
     late_commit_actions,
 )
 
@@ -21,7 +21,7 @@ def decide(command: rs.Command, identities=NONE, rooms=NONE, pending=NONE):  # t
 
 
 def test_claim_nobody_holds_is_released() -> None:
-    assert decide(rs.ClaimIdentity("r1", "alice", "s1", 1)) == (ReleaseIdentity("alice"),)
+    assert decide(rs.ClaimIdentity("r1", "alice", "s1", 1)) == (SubmitRelease("alice"),)
 
 
 def test_claim_held_by_a_local_session_is_kept() -> None:
@@ -36,15 +36,15 @@ def test_claim_with_a_request_in_flight_is_left_to_it() -> None:
 
 def test_complete_move_follows_the_claim_rules() -> None:
     command = rs.CompleteMove("r1", "bob", "s2", 3)
-    assert decide(command) == (ReleaseIdentity("bob"),)
+    assert decide(command) == (SubmitRelease("bob"),)
     assert isinstance(decide(command, identities={"bob"})[0], Leave)
     assert isinstance(decide(command, pending={"bob"})[0], Leave)
     # Another name held or pending changes nothing.
-    assert decide(command, identities={"alice"}, pending={"carol"}) == (ReleaseIdentity("bob"),)
+    assert decide(command, identities={"alice"}, pending={"carol"}) == (SubmitRelease("bob"),)
 
 
 def test_create_room_nobody_hosts_is_deleted() -> None:
-    assert decide(rs.CreateRoom("r1", "den", "s1", 1, "alice")) == (DeleteRoom("den", "alice"),)
+    assert decide(rs.CreateRoom("r1", "den", "s1", 1, "alice")) == (SubmitRoomDelete("den", "alice"),)
 
 
 def test_create_room_hosted_or_pending_is_left() -> None:

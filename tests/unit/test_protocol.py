@@ -18,10 +18,10 @@ from node import protocol as p
         ({"type": "newidentity", "identity": "Alice"}, p.NewIdentity("Alice")),
         ({"type": "list"}, p.List()),
         ({"type": "who"}, p.Who()),
-        ({"type": "createroom", "roomid": "Den"}, p.CreateRoom("Den")),
+        ({"type": "createroom", "roomid": "Den"}, p.CreateRoomMessage("Den")),
         ({"type": "joinroom", "roomid": "Den"}, p.JoinRoom("Den")),
         ({"type": "movejoin", "identity": "A1b", "former": "F", "roomid": "R"}, p.MoveJoin("A1b", "F", "R")),
-        ({"type": "deleteroom", "roomid": "Den"}, p.DeleteRoom("Den")),
+        ({"type": "deleteroom", "roomid": "Den"}, p.DeleteRoomMessage("Den")),
         ({"type": "message", "content": ""}, p.Message("")),
         ({"type": "quit"}, p.Quit()),
         ({"type": "quit", "extra": [1, 2]}, p.Quit()),  # extra fields are ignored

@@ -438,3 +438,27 @@ def test_a_barrier_changes_nothing_and_succeeds() -> None:
     after = state.to_dict()
     for key in ("identities", "rooms", "servers"):
         assert after[key] == before[key]
+
+
+def test_command_names_are_the_stored_ones() -> None:
+    """Journals pickle commands by module and class name, and the coordination wire sends the class name
+    as "op": these names are part of the on-disk format and may not change."""
+    from registry import codec
+    from registry.state import COMMAND_TYPES
+
+    stored = [
+        "ClaimIdentity",
+        "ReleaseIdentity",
+        "BeginMove",
+        "CompleteMove",
+        "ExpireMove",
+        "CreateRoom",
+        "DeleteRoom",
+        "ServerUp",
+        "ServerDown",
+        "Barrier",
+    ]
+    assert [cls.__name__ for cls in COMMAND_TYPES] == stored
+    room = CreateRoom("r1", "den", "s1", 1, "alice")
+    assert b"registry.state" in pickle.dumps(room) and b"CreateRoom" in pickle.dumps(room)
+    assert codec.command_to_wire(room)["op"] == "CreateRoom"

@@ -18,7 +18,7 @@ import time
 
 from cluster.timings import ClusterTimings
 from tests.sim.cluster.mutations import MUTATIONS, mutated
-from tests.sim.cluster.world import Options, SimulationFailure, World
+from tests.sim.cluster.world import FAULT_MIXES, Options, SimulationFailure, World
 
 
 def run_seed(seed: int, options: Options) -> tuple[int, str | None, str]:
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--mutation", choices=sorted(MUTATIONS), help="re-introduce a known bug")
         p.add_argument("--quiet", action="store_true")
         p.add_argument("--churn", action="store_true", help="clients log in again at once after a quit or drop")
+        p.add_argument("--faults", choices=FAULT_MIXES, default=Options.faults, help="the fault mix")
         p.add_argument("--reconcile-interval", type=float, default=ClusterTimings().reconcile_interval_s)
     args = parser.parse_args(argv)
     options = Options(
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         clients=args.clients,
         mutation=args.mutation,
         churn=args.churn,
+        faults=args.faults,
         timings=dataclasses.replace(ClusterTimings(), reconcile_interval_s=args.reconcile_interval),
     )
 

@@ -14,14 +14,18 @@ resumes, exactly as a stopped process experiences time. A crashed server's loop 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
 from asyncio import events
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import Executor
+from typing import Any, TypeVar, TypeVarTuple, Unpack
 
 INF = float("inf")
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
 
 
 class Clock:
@@ -40,6 +44,12 @@ class _NoSelector:
 
 
 class SimLoop(asyncio.BaseEventLoop):
+    # BaseEventLoop's own state, which `next_at`/`step` work on directly (typeshed leaves it out).
+    _ready: collections.deque[asyncio.Handle]
+    _scheduled: list[asyncio.TimerHandle]
+    _timer_cancelled_count: int
+    _run_once: Callable[[], None]
+
     def __init__(self, clock: Clock, name: str, on_error: Callable[[str], None]) -> None:
         super().__init__()
         self._clock = clock
@@ -63,9 +73,11 @@ class SimLoop(asyncio.BaseEventLoop):
         exc = context.get("exception")
         self._on_error(f"{self.name}: {context.get('message')}: {exc!r}")
 
-    def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    def run_in_executor(
+        self, executor: Executor | None, func: Callable[[Unpack[_Ts]], _T], *args: *_Ts
+    ) -> asyncio.Future[_T]:
         """No threads in a simulation: the work (a registry start or stop, a mkdir) happens at once."""
-        future: asyncio.Future[Any] = self.create_future()
+        future: asyncio.Future[_T] = self.create_future()
         try:
             future.set_result(func(*args))
         except Exception as exc:
@@ -77,10 +89,11 @@ class SimLoop(asyncio.BaseEventLoop):
         if self._ready:
             return self._clock.now
         scheduled = self._scheduled
-        while scheduled and scheduled[0]._cancelled:
+        while scheduled and scheduled[0].cancelled():
+            # Drop cancelled timers off the heap's top as BaseEventLoop._run_once does (its bookkeeping).
             self._timer_cancelled_count -= 1
-            heapq.heappop(scheduled)._scheduled = False
-        return scheduled[0]._when if scheduled else INF
+            heapq.heappop(scheduled)._scheduled = False  # type: ignore[attr-defined]
+        return scheduled[0].when() if scheduled else INF
 
     def step(self) -> None:
         events._set_running_loop(self)

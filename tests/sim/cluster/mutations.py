@@ -11,6 +11,10 @@ shows the loops as they were).
   stale view, which can land after the name was claimed again on the same server. A set's order depends
   on string hashing; the mutation pairs with the keys in sorted order instead, which is as wrong and
   replays the same in every process.
+- `reconciler-release-race` (found by the "outage" fault mix, fixed with it): the reconciler sent its
+  identity releases straight to the directory, so a login of the same name on the same server did not
+  wait for them; with no coordinator both waited, and when one appeared the claim could go first and the
+  release, built when the name was an orphan, freed the new session's name.
 - `minority-server-down` (fixed in 637cc99): the membership loop declared every silent server down
   without checking that its replica had a Raft quorum and that it had heard a majority: a coordinator cut
   off on a minority side queued "server down" for the whole majority, which committed when the partition
@@ -23,8 +27,10 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from unittest import mock
 
+from cluster.names import Identity
 from node.membership import DeclareDown, MembershipPolicy, MembershipView
 from node.reconcile import Orphan, Reconciler
+from node.server import ChatServer
 
 
 def _review_with_pairing_bug(self: Reconciler, orphans: Iterable[Orphan]) -> list[Orphan]:
@@ -35,6 +41,11 @@ def _review_with_pairing_bug(self: Reconciler, orphans: Iterable[Orphan]) -> lis
     release = [orphan for orphan, key in zip(found, sorted(keys, key=repr), strict=False) if key in suspects]
     self._seen = {key: 1 for key in keys}
     return release
+
+
+async def _release_orphan_unordered(self: ChatServer, identity: Identity) -> None:
+    """`ChatServer.release_orphan` as the reconciler's release was before: straight to the directory."""
+    await self.directory.release_identity(identity)
 
 
 def _decide_without_quorum_check(self: MembershipPolicy, view: MembershipView) -> list[DeclareDown]:
@@ -61,6 +72,7 @@ def _decide_without_quorum_check(self: MembershipPolicy, view: MembershipView) -
 
 MUTATIONS: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
     "reconciler-pairing": lambda: mock.patch.object(Reconciler, "review", _review_with_pairing_bug),
+    "reconciler-release-race": lambda: mock.patch.object(ChatServer, "release_orphan", _release_orphan_unordered),
     "minority-server-down": lambda: mock.patch.object(MembershipPolicy, "decide", _decide_without_quorum_check),
 }
 

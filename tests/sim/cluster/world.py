@@ -31,6 +31,7 @@ server, each session and room registered, every server registered with its curre
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -58,6 +59,8 @@ HEALTHY_S = 3.0
 OVERDUE_CHECK_S = 0.05
 SETTLE_PROBE_S = 2.5
 MIN_SETTLE_S = 7.5
+OUTAGE_SHARE = 0.5
+FAULT_MIXES = ("mixed", "outage")
 # The fake wall clock starts here (2026-01-01), so incarnations look like real ones.
 WALL_EPOCH_S = 1_767_225_600.0
 NETWORK_DELAY_S = (0.0005, 0.004)
@@ -79,6 +82,9 @@ class Options:
     # The churn scenario: a client that quits or drops logs in again within 20 ms with the same name on
     # the same server (see `SimClient._maybe_relogin`).
     churn: bool = False
+    # The fault mix: "mixed" (crashes, freezes and partitions, one at a time) or "outage" (the pairing
+    # scenario, `World._outage_fault`: quorum lost for seconds, and coordinator freezes).
+    faults: str = "mixed"
     # Production timings, except what a test sets (every timing is settable: cluster/timings.py).
     timings: ClusterTimings = field(default_factory=ClusterTimings)
 
@@ -129,7 +135,7 @@ class World:
         self._digest = hashlib.sha256()
         self.chaos = True
         self.faults = 0
-        self._change_key: tuple[int, ...] | None = None
+        self._change_key: int | None = None
         self._next_overdue_check = 0.0
         self.errors: list[str] = []
         self.dead_loops: list[SimLoop] = []
@@ -245,7 +251,7 @@ class World:
     def run(self) -> World:
         with _simulated_process(self):
             for sid in self.ids:
-                self.scheduler.at(self.rng.uniform(0, 0.3), lambda sid=sid: self.boot(sid))
+                self.scheduler.at(self.rng.uniform(0, 0.3), functools.partial(self.boot, sid))
             self._every(TICK_S, lambda: self.raft.tick(self.clock.now))
             for client in self.clients:
                 self._client_loop(client)
@@ -302,6 +308,9 @@ class World:
         if not self.chaos:
             return
         self.faults += 1
+        if self.options.faults == "outage":
+            self._outage_fault()
+            return
         roll = self.rng.random()
         victim = self.rng.choice(self.ids)
         if roll < 0.3:
@@ -319,6 +328,25 @@ class World:
             span = self.rng.uniform(0.5, 6.0)
             self.scheduler.after(span, self.heal)
         self.scheduler.after(span + self.rng.uniform(1.0, 4.0), self._fault)
+
+    def _outage_fault(self) -> None:
+        """The "outage" mix: all servers but one frozen for longer than a request's deadline (no quorum:
+        releases fail, so the running server's clients leave orphans behind one by one, of different ages),
+        or the coordinator frozen for a moment (the coordinator changes under the reconciler's releases)."""
+        if self.rng.random() < OUTAGE_SHARE:
+            keep = self.rng.choice(self.ids)
+            frozen = [sid for sid in self.ids if sid != keep and self._live(sid)]
+            span = self.options.timings.request_deadline_s + self.rng.uniform(2.0, 6.0)
+        else:
+            # The coordinator most servers follow (sorted: a set's order differs between processes).
+            coordinators = [c for s in self._running if not s.paused and (c := s.node.election.coordinator)]
+            top = max(sorted(set(coordinators)), key=coordinators.count, default=None)
+            frozen = [top] if top is not None and self._live(top) else []
+            span = self.rng.uniform(0.5, 2.5)
+        for sid in frozen:
+            self.pause(sid)
+            self.scheduler.after(span, functools.partial(self.resume, sid))
+        self.scheduler.after(span + self.rng.uniform(0.5, 2.0), self._fault)
 
     def _restart(self, sid: str) -> None:
         server = self.servers.get(sid)
@@ -365,18 +393,18 @@ class World:
             if up.get(server.server_id) != server.node.incarnation:
                 continue  # declared down (or not yet back): its sessions are being closed
             snapshot = core.snapshot()
-            for client in snapshot.clients:
-                other = holders.setdefault(client.identity, server.server_id)
+            for session in snapshot.clients:
+                other = holders.setdefault(session.identity, server.server_id)
                 if other != server.server_id:
-                    self.fail(f"identity {client.identity} is held by sessions on {other} and {server.server_id}")
+                    self.fail(f"identity {session.identity} is held by sessions on {other} and {server.server_id}")
                 # A session's name commits before the session exists; if this server's own release freed it
                 # since, the registry lost a live session's name (a release built from a stale view: the
                 # reconciler acting on an entry orphaned for a moment, as in the pairing bug).
-                if client.identity not in registered and self.released.get(client.identity) == (
+                if session.identity not in registered and self.released.get(session.identity) == (
                     server.server_id,
                     server.node.incarnation,
                 ):
-                    self.fail(f"{server.server_id} released {client.identity} while a session of it holds that name")
+                    self.fail(f"{server.server_id} released {session.identity} while a session of it holds that name")
             for room in snapshot.rooms:
                 if (room.room_id, server.server_id, server.node.incarnation) in self.deleted_rooms:
                     continue  # deleted from the registry first, then from the server (maybe frozen meanwhile)
@@ -485,6 +513,8 @@ class World:
             parts.append(f"--mutation {o.mutation}")
         if o.churn:
             parts.append("--churn")
+        if o.faults != Options.faults:
+            parts.append(f"--faults {o.faults}")
         if o.timings.reconcile_interval_s != ClusterTimings().reconcile_interval_s:
             parts.append(f"--reconcile-interval {o.timings.reconcile_interval_s}")
         return " ".join(parts)
