@@ -7,7 +7,7 @@ messages: IamUp, View, Election, Answer, Nomination, Coordinator):
 - worst:    the coordinator crashes and the lowest-priority server alone notices first (it starts the
             election at once, before anyone else's failure detector fires): the paper's worst case;
 - typical:  the coordinator crashes and every server's failure detector notices it (all at about the same
-            time, as with all-to-all heartbeats): mean and max over the seeds;
+            time, as every server watches the coordinator at the full heartbeat rate): mean and max over the seeds;
 - recovery: the crashed coordinator restarts and takes the role back.
 Prints a table and writes bench/results/election_messages.json.
 """

@@ -76,6 +76,8 @@ class ElectionTimings:
     """
 
     heartbeat_interval_s: float = _DEFAULTS.heartbeat_interval_s
+    # Star heartbeats (bully/node.py): the rate between two servers neither of which follows the other.
+    mesh_heartbeat_interval_s: float = _DEFAULTS.mesh_heartbeat_interval_s
     suspect_after_s: float = _DEFAULTS.suspect_after_s
     # Adaptive suspicion (bully/failure_detector.py): the window stretches to this many times a peer's
     # recent heartbeat gaps, up to `suspect_max_s`, plus the observer's own lateness.
@@ -97,6 +99,8 @@ class ElectionTimings:
                 raise ValueError(f"{name} must be positive")
         if self.max_nominees < 1:
             raise ValueError("max_nominees must be at least 1")
+        if not self.heartbeat_interval_s <= self.mesh_heartbeat_interval_s <= self.suspect_max_s / 2:
+            raise ValueError("need heartbeat_interval_s <= mesh_heartbeat_interval_s <= suspect_max_s / 2")
         if self.suspect_after_s < 2 * self.heartbeat_interval_s:
             raise ValueError("suspect_after_s must cover at least two heartbeat intervals")
         if self.suspect_max_s < self.suspect_after_s or self.suspect_gap_factor < 1:

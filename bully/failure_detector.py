@@ -3,8 +3,10 @@ events at its deadlines.
 
 Theory of operation
 -------------------
-Every server heartbeats every other one every `heartbeat_interval_s` (100 ms by default). A peer is *up*
-from the first heartbeat heard and is declared *down* (`PeerDown`) on one of two kinds of evidence:
+A peer heartbeats us every `heartbeat_interval_s` (100 ms by default) if the caller says so
+(`expect_fast`: in bully/node.py's star schedule, the coordinator and the servers following us), every
+`slow_interval_s` otherwise (1 s; None: every peer at the full rate). A peer is *up* from the first
+heartbeat heard and is declared *down* (`PeerDown`) on one of two kinds of evidence:
 
 Certain: the caller reports that its connection to the peer ended (`connection_lost`: EOF or RST) and that
 a reconnect was then refused (`reconnect_refused`: nothing listens on the peer's port). The process is gone
@@ -18,7 +20,10 @@ down once nothing has been heard from it for its *suspicion window*, which adapt
 - the base is `suspect_after_s` (T1, 750 ms by default: about seven heartbeats);
 - a peer whose recent heartbeats came in gaps of g seconds (its own loop is late: a busy machine) gets
   `suspect_gap_factor` * g when that is longer (the largest of its last `GAP_HISTORY` gaps);
+- a peer on the slow schedule gets `suspect_gap_factor` * `slow_interval_s` when that is longer;
 - the window never exceeds `suspect_max_s`;
+- a peer moved to the full rate gets a whole window from that moment (its last heartbeat may be most of a
+  slow interval old), and its gap history starts over;
 - and the observer's own lateness is added on top: when the caller's timer fires late by `lag` seconds
   (`observer_late`), every up peer's silence is credited `lag` (up to `suspect_max_s`), because heartbeats
   that arrived meanwhile are still waiting to be read. The credit is cleared by the next heartbeat.
@@ -79,6 +84,7 @@ class FailureDetector:
         stall_after_s: float | None = None,
         suspect_gap_factor: float = 3.0,
         suspect_max_s: float | None = None,
+        slow_interval_s: float | None = None,
     ) -> None:
         assert heartbeat_interval_s > 0 and suspect_after_s > heartbeat_interval_s and suspect_gap_factor >= 1
         self._peers = frozenset(peers)
@@ -92,6 +98,11 @@ class FailureDetector:
         self.stall_after_s = (
             stall_after_s if stall_after_s is not None else min(4 * heartbeat_interval_s, suspect_after_s / 2)
         )
+        # Star heartbeats (bully/node.py): only the peers in `_fast` heartbeat us every interval; the others
+        # every `slow_interval_s`, so their window starts at `suspect_gap_factor` of those (capped).
+        self.slow_interval_s = slow_interval_s
+        self._fast: frozenset[str] = frozenset()
+        self._since: dict[str, float] = {}  # silence counts from here, not from before the schedule changed
         self._last_heard: dict[str, float] = {}
         self._incarnation: dict[str, int] = {}
         self._gaps: dict[str, deque[float]] = {}
@@ -121,6 +132,7 @@ class FailureDetector:
             self._gaps.setdefault(peer, deque(maxlen=GAP_HISTORY)).append(now - previous)
         self._incarnation[peer] = incarnation
         self._last_heard[peer] = now
+        self._since.pop(peer, None)
         self._credit.pop(peer, None)
         if known is not None and incarnation > known:
             self._lost.discard(peer)
@@ -158,10 +170,29 @@ class FailureDetector:
             self._credit[peer] = min(self._credit.get(peer, 0.0) + lag_s, self.suspect_max_s)
         self._earliest = self._exact_earliest()
 
+    def expect_fast(self, peers: Iterable[str], now: float) -> None:
+        """Only `peers` heartbeat us every `heartbeat_interval_s` from now on; the rest every `slow_interval_s`.
+
+        A peer whose schedule changes starts a fresh record: its gaps on the old schedule say nothing about
+        the new one, and a peer moved to the full rate gets a whole window from `now` (its last heartbeat
+        may be most of a slow interval old without anything being wrong)."""
+        fast = frozenset(peers) & self._peers
+        if fast == self._fast:
+            return
+        self._observe(now)
+        for peer in fast ^ self._fast:
+            self._gaps.pop(peer, None)
+            if peer in fast and peer in self._up:
+                self._since[peer] = now
+        self._fast = fast
+        self._earliest = self._exact_earliest()
+
     def window(self, peer: str) -> float:
         """How long `peer` may be silent before it is declared down (the adaptive suspicion window)."""
         gaps = self._gaps.get(peer)
         base = self.suspect_after_s
+        if self.slow_interval_s is not None and peer not in self._fast:
+            base = max(base, self.suspect_gap_factor * self.slow_interval_s)
         if gaps:
             base = max(base, self.suspect_gap_factor * max(gaps))
         return min(base, self.suspect_max_s) + self._credit.get(peer, 0.0)
@@ -173,7 +204,7 @@ class FailureDetector:
         if self._earliest is None or now < self._earliest:
             return events
         for peer in sorted(self._up):
-            if now >= self._last_heard[peer] + self.window(peer):
+            if now >= self._silent_since(peer) + self.window(peer):
                 self._up.discard(peer)
                 self._lost.discard(peer)
                 self.silent_downs += 1
@@ -192,8 +223,20 @@ class FailureDetector:
 
     def heard_within(self, now: float, span_s: float) -> set[str]:
         """Up peers heard in the last `span_s` seconds: unlike `up()`, which lags a break by a whole
-        suspicion window, this shows a short cut-off (a partition that heals before anyone is declared)."""
-        return {peer for peer in self._up if now - self._last_heard[peer] <= span_s}
+        suspicion window, this shows a short cut-off (a partition that heals before anyone is declared). A
+        peer on the slow schedule (`expect_fast`) is allowed the longer spacing of its heartbeats on top."""
+        return {peer for peer in self._up if now - self._last_heard[peer] <= span_s + self._schedule_slack(peer)}
+
+    def _schedule_slack(self, peer: str) -> float:
+        """How much longer than a full-rate peer's a slow peer's heartbeats may be apart on schedule."""
+        if self.slow_interval_s is None or peer in self._fast:
+            return 0.0
+        return self.slow_interval_s - self.heartbeat_interval_s
+
+    def _silent_since(self, peer: str) -> float:
+        since = self._since.get(peer)
+        last = self._last_heard[peer]
+        return last if since is None or since < last else since
 
     def incarnations(self) -> dict[str, int]:
         """The last incarnation heard from every peer ever heard."""
@@ -202,7 +245,7 @@ class FailureDetector:
     def _exact_earliest(self) -> float | None:
         if not self._up:
             return None
-        return min(self._last_heard[p] + self.window(p) for p in self._up)
+        return min(self._silent_since(p) + self.window(p) for p in self._up)
 
     def _observe(self, now: float) -> None:
         last = self._last_activity

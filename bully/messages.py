@@ -79,7 +79,8 @@ class Coordinator:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Periodic liveness signal, all-to-all: which life of the sender this is, and whom it follows."""
+    """Periodic liveness signal (bully/node.py, "star" schedule): which life of the sender this is, and whom
+    it follows."""
 
     sender: str
     epoch: int

@@ -13,9 +13,20 @@ detector's next possible verdict and the next heartbeat. A shell (`bully.runtime
 the simulations over their in-memory network) only decodes messages, arms one timer and carries outputs
 out, so the wiring between the three parts is written once, here, and tested by the simulations.
 
-Heartbeats: one every `heartbeat_interval_s` from the first `start`, carrying the current epoch, the
-incarnation (the shell replaces it after this server was fenced) and the coordinator followed. After a
-stall the schedule restarts from `now` instead of sending a burst to catch up.
+Heartbeats ("star" schedule): a tick every `heartbeat_interval_s` from the first `start`; each beat carries
+the current epoch, the incarnation (the shell replaces it after this server was fenced) and the coordinator
+followed. At a tick a server beats:
+- everyone, while it coordinates or follows nobody (electing, starting), and once every
+  `mesh_heartbeat_interval_s` whatever its role;
+- otherwise only the coordinator it follows and the servers whose last beat named it as their coordinator.
+So the coordinator and its members watch each other at the full rate (n-1 beats each way per tick in the
+whole cluster instead of n*(n-1)) and two members only once per mesh interval. The detector is told whose
+beats to expect at the full rate (`FailureDetector.expect_fast`): the coordinator followed and the followers;
+everyone else is judged on the mesh schedule. When the coordinator followed changes, the previous and the
+new one get a beat at once, so each knows at once whether to expect the full rate. What does not change:
+the election messages (bully/election.py), certain evidence from a closed connection and a refused
+reconnect (at once, for any peer), and T1 for a silent coordinator. After a stall the schedule restarts
+from `now` instead of sending a burst to catch up.
 
 Evidence for the detector besides heartbeats: the shell reports link events (`on_link_event`: our
 connection to a peer was lost, or a reconnect was refused), and with each deadline the time its timer was
@@ -88,8 +99,13 @@ class ElectionNode:
             timings.suspect_after_s,
             suspect_gap_factor=timings.suspect_gap_factor,
             suspect_max_s=timings.suspect_max_s,
+            slow_interval_s=timings.mesh_heartbeat_interval_s,
         )
         self._next_heartbeat: float | None = None
+        self._next_mesh_heartbeat: float | None = None
+        # Peers whose last heartbeat said they follow us: they get our heartbeat at the full rate.
+        self._followers: set[str] = set()
+        self._followed: str | None = None  # the last coordinator our heartbeats named
 
     # -- observation -------------------------------------------------------------------------------------------
 
@@ -146,15 +162,20 @@ class ElectionNode:
     def start(self, now: float) -> list[Output]:
         """Announce this server (IamUp); the first heartbeat is due at once."""
         self._next_heartbeat = now
+        self._next_mesh_heartbeat = now
         return list(self.core.start(now))
 
     def receive(self, sender: str, message: Message, now: float) -> list[Output]:
         """An election message or heartbeat from `sender` (already checked to be its real sender)."""
         if isinstance(message, Heartbeat):
             self.detector.heard(sender, message.incarnation, now)
+            if message.coordinator == self.self_id:
+                self._followers.add(sender)
+            else:
+                self._followers.discard(sender)
         outputs = self._verdicts(now)
         outputs.extend(self.core.receive(sender, message, now))
-        return outputs
+        return self._settle(outputs, now)
 
     def on_link_event(self, peer: str, event: LinkEvent, now: float) -> list[Output]:
         """The shell's evidence: our connection to `peer` ended ("lost"), a reconnect was refused, or a
@@ -165,7 +186,7 @@ class ElectionNode:
             self.detector.reconnect_refused(peer, now)
         else:
             self.detector.connection_up(peer, now)
-        return self._verdicts(now)
+        return self._settle(self._verdicts(now), now)
 
     def on_deadline(self, now: float, armed_for: float | None = None) -> list[Output]:
         """The shell's timer fired; `armed_for` is the time it was set for (its lateness is evidence)."""
@@ -173,17 +194,62 @@ class ElectionNode:
             self.detector.observer_late(now - armed_for - TIMER_SLACK_S)
         outputs: list[Output] = []
         if self._next_heartbeat is not None and now >= self._next_heartbeat:
-            outputs.append(Broadcast(Heartbeat(self.self_id, self.core.epoch, self.incarnation, self.core.coordinator)))
+            outputs.extend(self._heartbeats(now))
             self._next_heartbeat += self.timings.heartbeat_interval_s
             if self._next_heartbeat <= now:  # we were stalled: no burst to catch up
                 self._next_heartbeat = now + self.timings.heartbeat_interval_s
         outputs.extend(self._verdicts(now))
         outputs.extend(self.core.on_deadline(now))
-        return outputs
+        return self._settle(outputs, now)
 
     def start_election(self, now: float) -> list[Output]:
         """Operator trigger: run an election now."""
-        return list(self.core.start_election(now))
+        return self._settle(list(self.core.start_election(now)), now)
+
+    # -- the heartbeat schedule ----------------------------------------------------------------------------
+
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(self.self_id, self.core.epoch, self.incarnation, self.core.coordinator)
+
+    def _heartbeats(self, now: float) -> list[Output]:
+        """The beats due now: to everyone while this server coordinates or follows nobody, and once per
+        mesh interval; otherwise only to the coordinator it follows and to the servers that follow it."""
+        coordinator = self.core.coordinator
+        mesh_due = self._next_mesh_heartbeat is not None and now >= self._next_mesh_heartbeat
+        if mesh_due:
+            self._next_mesh_heartbeat = now + self.timings.mesh_heartbeat_interval_s
+        if mesh_due or coordinator is None or coordinator == self.self_id:
+            return [Broadcast(self._heartbeat())]
+        beat = self._heartbeat()
+        return [Send(peer, beat) for peer in sorted(({coordinator} | self._followers) - {self.self_id})]
+
+    def _settle(self, outputs: list[Output], now: float) -> list[Output]:
+        """After every input: if this server follows a new coordinator, tell the previous one and the new
+        one at once (the previous one stops expecting our beats at the full rate, the new one starts),
+        then tell the detector whose beats to expect at the full rate."""
+        coordinator = self.core.coordinator
+        # Following nobody, this server beats everyone from the next tick on anyway: only a new coordinator
+        # is told at once, and with it the last one followed (perhaps before a spell of following nobody).
+        if coordinator is not None and coordinator != self._followed:
+            previous, self._followed = self._followed, coordinator
+            beat = self._heartbeat()
+            for peer in sorted({p for p in (previous, coordinator) if p is not None and p != self.self_id}):
+                outputs.append(Send(peer, beat))
+        self._expect(now)
+        return outputs
+
+    def _expect(self, now: float) -> None:
+        """Tell the detector who heartbeats us at the full rate: the coordinator we follow (a coordinator
+        beats everyone; after stepping down it still beats every server whose beats name it), and the
+        servers whose last beat named us (a follower that switches tells us at once, see `_settle`).
+        Everyone else beats us once per mesh interval: such a server is declared down by silence only
+        after `suspect_gap_factor` mesh intervals (capped at `suspect_max_s`); a crashed one (closed
+        connection, refused reconnect) still at once, and the coordinator after T1 as before."""
+        coordinator = self.core.coordinator
+        fast = set(self._followers)
+        if coordinator is not None and coordinator != self.self_id:
+            fast.add(coordinator)
+        self.detector.expect_fast(fast, now)
 
     def _verdicts(self, now: float) -> list[Output]:
         outputs: list[Output] = []

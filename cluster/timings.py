@@ -29,8 +29,14 @@ ENV_PREFIX = "CHATMESH_TIMING_"
 @dataclass(frozen=True, slots=True)
 class ClusterTimings:
     # -- failure detection (bully/failure_detector.py) -------------------------------------------------
-    # Every server heartbeats every other one this often.
+    # The coordinator heartbeats every server this often, and every server the coordinator it follows (a
+    # server that follows nobody heartbeats everyone) (bully/node.py, "star" heartbeats).
     heartbeat_interval_s: float = 0.1
+    # Any other two servers heartbeat each other only this often, so heartbeat traffic grows with n at the
+    # full rate and with n*n only at this one. Such a peer, silent, is declared down after suspect_gap_factor
+    # times this (capped at suspect_max_s); a crashed one (closed connection, refused reconnect) still at
+    # once; the coordinator, and a server following this one, after T1 as before.
+    mesh_heartbeat_interval_s: float = 1.0
     # T1: silence after which a peer is declared down while its heartbeats have been regular and this server
     # was on time (about seven missed heartbeats). A peer whose connection closed and refuses a reconnect is
     # declared down at once instead: only silence needs a timeout.
@@ -129,6 +135,18 @@ class ClusterTimings:
             "suspect_after_s >= 2 * heartbeat_interval_s",
             "suspect_after_s",
             "heartbeat_interval_s",
+        )
+        self._need(
+            self.mesh_heartbeat_interval_s >= self.heartbeat_interval_s,
+            "mesh_heartbeat_interval_s >= heartbeat_interval_s",
+            "mesh_heartbeat_interval_s",
+            "heartbeat_interval_s",
+        )
+        self._need(
+            self.suspect_max_s >= 2 * self.mesh_heartbeat_interval_s,
+            "suspect_max_s >= 2 * mesh_heartbeat_interval_s",
+            "suspect_max_s",
+            "mesh_heartbeat_interval_s",
         )
         self._need(
             self.suspect_max_s >= self.suspect_after_s,

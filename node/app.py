@@ -63,6 +63,7 @@ RETRY_AFTER_STALL_S = 0.1
 def election_timings(t: ClusterTimings) -> ElectionTimings:
     return ElectionTimings(
         heartbeat_interval_s=t.heartbeat_interval_s,
+        mesh_heartbeat_interval_s=t.mesh_heartbeat_interval_s,
         suspect_after_s=t.suspect_after_s,
         suspect_gap_factor=t.suspect_gap_factor,
         suspect_max_s=t.suspect_max_s,

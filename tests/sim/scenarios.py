@@ -241,7 +241,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("startup-12", startup, n=12),
         Scenario("coordinator-crash", coordinator_crash, bound="failover"),
         Scenario("coordinator-crash-12", coordinator_crash, n=12, bound="failover"),
-        # The largest cluster the project sizes for (issue 16): 24 servers, all-to-all heartbeats. A crash at
+        # The largest cluster the project sizes for (issue 16): 24 servers, star heartbeats. A crash at
         # 24 costs ~5 s of CPU per seed, so it runs in `bench.election_messages` (n = 24), not here.
         Scenario("startup-24", startup, n=24),
         Scenario("two-top-crash", two_top_crash),

@@ -243,3 +243,29 @@ def test_the_credit_ends_with_the_next_heartbeat() -> None:
     fd.observer_late(0.3)
     fd.heard("s2", 1, 0.1)
     assert fd.window("s2") == pytest.approx(T1)
+
+
+def ticks(d: FailureDetector, start: float, end: float) -> list[tuple[float, PeerDown | PeerUp]]:
+    """`check` every 50 ms (as the node's timer does) from `start` to `end`: the events and when."""
+    out = []
+    for i in range(int(round((end - start) / 0.05)) + 1):
+        now = start + i * 0.05
+        out += [(round(now, 2), e) for e in d.check(now)]
+    return out
+
+
+def test_peers_off_the_full_rate_get_the_mesh_window_and_a_promoted_peer_a_fresh_one() -> None:
+    """Star heartbeats (bully/node.py): only the peers in `expect_fast` beat us every interval; the others
+    once per slow interval, so their silence is judged on that schedule. A peer moved to the full rate is
+    not declared down for the slow silence before the change."""
+    d = FailureDetector(["a", "b"], 0.1, 0.75, suspect_gap_factor=3.0, suspect_max_s=3.0, slow_interval_s=1.0)
+    d.heard("a", 1, 0.0)
+    d.heard("b", 1, 0.0)
+    d.check(0.0)
+    d.expect_fast(["a"], 0.0)
+    assert d.window("a") == 0.75 and d.window("b") == 3.0
+    assert d.heard_within(0.9, 0.375) == {"b"}  # b is on schedule 0.9 s after its last beat, a is not
+    assert ticks(d, 0.05, 2.0) == [(0.75, PeerDown("a", 1))]
+    d.heard("a", 1, 2.0)
+    d.expect_fast(["b"], 2.0)  # b silent for 2 s but only now expected at the full rate
+    assert ticks(d, 2.05, 3.0) == [(2.05, PeerUp("a", 1)), (2.75, PeerDown("b", 1))]  # a: now slow

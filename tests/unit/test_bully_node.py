@@ -6,7 +6,7 @@ import random
 
 from bully.election import ElectionTimings
 from bully.messages import Heartbeat, IamUp
-from bully.node import Broadcast, CoordinatorChanged, ElectionNode, Output, PeerDown, PeerUp
+from bully.node import Broadcast, CoordinatorChanged, ElectionNode, Output, PeerDown, PeerUp, Send
 
 T = ElectionTimings()
 PRIORITIES = {"s1": 1, "s2": 2, "s3": 3}
@@ -92,7 +92,7 @@ def test_a_late_timer_credits_the_peers_silence() -> None:
     late, on_time = node("s1"), node("s1")
     for n in (late, on_time):
         n.start(0.0)
-        n.receive("s2", Heartbeat("s2", 0, 5, None), 0.0)
+        n.receive("s2", Heartbeat("s2", 1, 5, "s2"), 0.0)  # our coordinator: expected at the full rate
     at = T.suspect_after_s + 0.01
     tick = 0.0
     while tick + T.heartbeat_interval_s < at:
@@ -102,3 +102,96 @@ def test_a_late_timer_credits_the_peers_silence() -> None:
         tick += T.heartbeat_interval_s
     assert PeerDown("s2", 5) in on_time.on_deadline(at, armed_for=at)
     assert PeerDown("s2", 5) not in late.on_deadline(at, armed_for=at - 0.3)
+
+
+def sends(outputs: list[Output]) -> list[str]:
+    """Where the heartbeats in `outputs` go ("*" for a broadcast)."""
+    return sorted(
+        "*" if isinstance(o, Broadcast) else o.to
+        for o in outputs
+        if isinstance(o, (Broadcast, Send)) and isinstance(o.message, Heartbeat)
+    )
+
+
+def follower(self_id: str = "s1") -> ElectionNode:
+    """A member of {s1, s2, s3} following s3, past its first (broadcast) heartbeats."""
+    n = node(self_id)
+    n.start(0.0)
+    n.on_deadline(0.0)
+    n.receive("s3", Heartbeat("s3", 1, 5, "s3"), 0.0)
+    assert n.coordinator == "s3"
+    return n
+
+
+def test_a_member_beats_only_its_coordinator_and_everyone_once_per_mesh_interval() -> None:
+    n = follower()
+    targets = []
+    for tick in range(1, 26):  # 2.5 s after the first (broadcast) heartbeat
+        t = tick * T.heartbeat_interval_s
+        n.receive("s3", Heartbeat("s3", 1, 5, "s3"), t)
+        targets.append(sends(n.on_deadline(t)))
+    assert targets.count(["*"]) == int(2.5 / T.mesh_heartbeat_interval_s)
+    assert all(t in (["*"], ["s3"], []) for t in targets)  # [] : a tick a hair before the beat is due
+    assert targets.count(["s3"]) >= 20
+
+
+def test_a_coordinator_beats_everyone_every_interval() -> None:
+    n = node("s3")
+    n.start(0.0)
+    n.receive("s1", Heartbeat("s1", 0, 5, None), 0.0)
+    n.receive("s2", Heartbeat("s2", 0, 5, None), 0.0)
+    t = 0.0
+    while n.coordinator != "s3":
+        t += T.heartbeat_interval_s
+        n.on_deadline(t)
+        assert t < 5.0
+    for _ in range(12):
+        t += T.heartbeat_interval_s
+        assert sends(n.on_deadline(t)) == ["*"]
+
+
+def test_a_changed_coordinator_is_told_at_once_and_so_is_the_previous_one() -> None:
+    n = follower()
+    n.receive("s2", Heartbeat("s2", 1, 6, "s2"), 0.05)  # same epoch, lower priority: not better, ignored
+    assert n.coordinator == "s3"
+    outputs = n.receive("s2", Heartbeat("s2", 2, 6, "s2"), 0.06)  # a newer claim
+    assert n.coordinator == "s2"
+    assert sends(outputs) == ["s2", "s3"]
+    assert [o.message.coordinator for o in outputs if isinstance(o, Send)] == ["s2", "s2"]
+
+
+def silent_until_down(n: ElectionNode, peer: str, start: float, keep_alive: str | None = None) -> float:
+    """Run `n`'s deadlines (with `keep_alive` beating it) until `peer` is declared down; when that was."""
+    now = start
+    while True:
+        deadline = n.next_deadline()
+        assert deadline is not None
+        now = max(deadline, now)
+        outputs = n.on_deadline(now)
+        if keep_alive is not None:
+            outputs += n.receive(keep_alive, Heartbeat(keep_alive, 1, 5, keep_alive), now)
+        if any(isinstance(o, PeerDown) and o.peer == peer for o in outputs):
+            return now
+        assert now < start + 10.0, "never declared down"
+
+
+def test_a_silent_member_is_suspected_after_the_mesh_window_the_coordinator_after_t1() -> None:
+    n = follower()
+    n.receive("s2", Heartbeat("s2", 1, 5, "s3"), 0.0)  # a fellow member: it beats us once per mesh interval
+    assert "s2" in n.servers_heard_within(T.mesh_heartbeat_interval_s, T.suspect_after_s / 2)  # on schedule
+    at = silent_until_down(n, "s2", 0.0, keep_alive="s3")
+    assert at >= min(T.suspect_gap_factor * T.mesh_heartbeat_interval_s, T.suspect_max_s)
+    m = follower()
+    assert silent_until_down(m, "s3", 0.0) < T.suspect_after_s + T.heartbeat_interval_s
+
+
+def test_a_follower_is_expected_at_the_full_rate_until_it_says_it_switched() -> None:
+    n = node("s2")
+    n.start(0.0)
+    n.receive("s1", Heartbeat("s1", 1, 5, "s2"), 0.0)  # s1 follows us
+    assert silent_until_down(n, "s1", 0.0) < T.suspect_after_s + T.heartbeat_interval_s
+    m = node("s2")
+    m.start(0.0)
+    m.receive("s1", Heartbeat("s1", 1, 5, "s2"), 0.0)
+    m.receive("s1", Heartbeat("s1", 2, 5, "s3"), 0.05)  # it switched to s3 and told us at once
+    assert silent_until_down(m, "s1", 0.05) >= 0.05 + T.suspect_after_s + T.heartbeat_interval_s

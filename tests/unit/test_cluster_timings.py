@@ -19,6 +19,8 @@ def test_the_defaults_satisfy_every_relation() -> None:
     [
         ({"suspect_after_s": 0.15}, "suspect_after_s >= 2 * heartbeat_interval_s"),
         ({"suspect_max_s": 0.5}, "suspect_max_s=0.5"),
+        ({"mesh_heartbeat_interval_s": 0.05}, "mesh_heartbeat_interval_s >= heartbeat_interval_s"),
+        ({"mesh_heartbeat_interval_s": 2.0}, "suspect_max_s >= 2 * mesh_heartbeat_interval_s"),
         ({"nomination_timeout_s": 0.85}, "nomination_timeout_s=0.85, answer_timeout_s=0.3, max_nominees=2"),
         ({"raft_min_timeout_s": 0.1}, "3 * raft_append_entries_period_s < raft_min_timeout_s"),
         ({"commit_timeout_s": 3.0}, "commit_timeout_s=3.0"),
