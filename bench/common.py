@@ -206,8 +206,10 @@ def match_server_priority(pids: Sequence[int], env: dict[str, str]) -> int | Non
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError):
                     os.setpriority(os.PRIO_PROCESS, int(tid), wanted.nice)
+        # Only a process leading its own session has an autogroup of its own (node/priority.py).
         with contextlib.suppress(OSError):
-            Path(f"/proc/{pid}/autogroup").write_text(str(wanted.nice), encoding="ascii")
+            if os.getsid(pid) == pid:
+                Path(f"/proc/{pid}/autogroup").write_text(str(wanted.nice), encoding="ascii")
     return wanted.nice
 
 

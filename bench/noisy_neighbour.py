@@ -1,6 +1,7 @@
 """Noisy neighbour: a 5-server cluster logging clients in next to polling processes; nothing dies.
 
-    python -m bench.noisy_neighbour [--neighbours 0,2,4] [--cpu-nice default,off] [--duration 60] [--quick]
+    python -m bench.noisy_neighbour [--neighbours 0,2,4] [--cpu-nice default,off] [--neighbour-session own]
+        [--duration 60] [--quick]
 
 For each N, a fresh 5-server cluster of `python -m node` processes on loopback, settled, then for
 `--duration` seconds a login every 50 ms (a new connection asking for a fresh identity, round-robin over
@@ -13,6 +14,11 @@ Each N runs once per `--cpu-nice` choice: `default` is the servers as users run 
 CPU priority, node/priority.py; the bench runs as root, so they may), `off` keeps them at the neighbours'
 priority, the way they ran before: the two side by side show what the priority buys (N = 0 runs only the
 first choice).
+
+Where the neighbours run matters on a kernel that schedules by session (autogroup): each chat server leads
+a session of its own; `--neighbour-session own` (default) gives each neighbour its own session too, as
+another service would have; `bench` puts them all in the bench's session, one scheduling group shared
+with the load generator (the layout of the issue's first measurements).
 
 Reported per N: logins tried/refused, login p50/p99, Raft elections (Raft terms started during the run),
 coordinator changes (the most any server saw), the largest event-loop gap of any server since its start,
@@ -87,7 +93,7 @@ def _server_priority(cluster: Cluster) -> tuple[int, int | None]:
     return os.getpriority(os.PRIO_PROCESS, pid), read_autogroup_nice(Path(f"/proc/{pid}/autogroup"))
 
 
-def run_one(neighbours: int, duration: float, cpu_nice: str) -> dict[str, Any]:
+def run_one(neighbours: int, duration: float, cpu_nice: str, neighbour_session: str = "own") -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"chatmesh-noisy-{neighbours}-"))
     procs: list[subprocess.Popen[bytes]] = []
     env = {} if cpu_nice == "default" else {CPU_NICE_ENV: cpu_nice}
@@ -107,7 +113,13 @@ def run_one(neighbours: int, duration: float, cpu_nice: str) -> dict[str, Any]:
             elections_before = sum(int(s["counters"]["elections"]) for s in before.values())
             changes_before = {sid: int(s["counters"]["coordinator_changes"]) for sid, s in before.items()}
             load_before = os.getloadavg()[0]
-            procs = [subprocess.Popen([sys.executable, "-c", NEIGHBOUR]) for _ in range(neighbours)]
+            # `own`: each neighbour in a session of its own, as another service would run (its own scheduling
+            # group under autogroup, at the normal priority). `bench`: all in the bench's session, sharing one
+            # group with the load generator (the layout of the issue's first measurements).
+            procs = [
+                subprocess.Popen([sys.executable, "-c", NEIGHBOUR], start_new_session=neighbour_session == "own")
+                for _ in range(neighbours)
+            ]
             results: list[tuple[bool, float]] = []
             with ThreadPoolExecutor(max_workers=64) as pool:
                 futures = []
@@ -150,6 +162,7 @@ def run_one(neighbours: int, duration: float, cpu_nice: str) -> dict[str, Any]:
     row: dict[str, Any] = {
         "neighbours": neighbours,
         "cpu_nice": cpu_nice,
+        "neighbour_session": neighbour_session,
         "server_nice": nice,
         "server_autogroup_nice": autogroup_nice,
         "duration_s": duration,
@@ -208,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         default="default,off",
         help="servers' CPU priority per run, comma-separated: default (as users run them), off, or a nice value",
     )
+    parser.add_argument(
+        "--neighbour-session",
+        choices=("own", "bench"),
+        default="own",
+        help="own: each neighbour in its own session (default); bench: all in the bench's session",
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of logins per N")
     parser.add_argument("--quick", action="store_true", help="15 s per N (a smoke run)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="where to write the JSON results")
@@ -223,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         # With no neighbour there is nothing for a priority to win against: one baseline row.
         for cpu_nice in priorities[:1] if n == 0 else priorities:
             print(f"N = {n} polling neighbours, cpu-nice {cpu_nice}, {duration:.0f} s ...", file=sys.stderr, flush=True)
-            rows.append(run_one(n, duration, cpu_nice))
+            rows.append(run_one(n, duration, cpu_nice, args.neighbour_session))
             print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(format_table(rows))
     command = "python -m bench.noisy_neighbour" + (" --quick" if args.quick else "")
     command += f" --neighbours {args.neighbours}" if args.neighbours != "0,2,4" else ""
     command += f" --cpu-nice {args.cpu_nice}" if args.cpu_nice != "default,off" else ""
+    command += f" --neighbour-session {args.neighbour_session}" if args.neighbour_session != "own" else ""
     command += f" --duration {args.duration:g}" if args.duration != 60.0 and not args.quick else ""
     report = {
         "command": command,

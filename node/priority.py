@@ -20,9 +20,12 @@ before any thread exists (threads inherit it):
   from outside (systemd `Nice=`, `nice -n`) and N is only the default;
 - on Linux with autogroup scheduling (`/proc/sys/kernel/sched_autogroup_enabled`), CPU time is shared
   between sessions first, and a thread's nice value only counts inside its session's group: there the
-  group's nice value is the one that counts, so it is set as well (`/proc/self/autogroup`). That group is
-  every process of the session the server was started from (a terminal's, `make run`'s), which all get the
-  same share.
+  group's nice value is the one that counts, so it is set as well (`/proc/self/autogroup`), but only by a
+  server that leads its own session (started by an init system, `setsid`, or the test and bench harness).
+  A server started from a terminal or by `make run` shares the terminal's session: raising that group
+  would raise every process of the terminal, for as long as it stays open (found when a bench's polling
+  neighbours, started from the same session as an earlier `run_cluster` test, ran at the servers'
+  priority). Such a server leaves the group alone and says so.
 
 Lowering a nice value needs root or CAP_SYS_NICE. Without it the server logs one line saying so and runs at
 its normal priority; under systemd, `Nice=-10` (or `CPUWeight=` for the service's cgroup) does the same
@@ -58,6 +61,7 @@ class PriorityOutcome:
     nice: int
     autogroup_nice: int | None
     refused: str | None  # why a change was not allowed, else None
+    shared_session: bool = False  # the autogroup is the starting session's: left alone
 
 
 def parse_cpu_priority(flag: str | None, env: Mapping[str, str]) -> CpuPriority:
@@ -107,6 +111,7 @@ def apply_cpu_priority(
     autogroup: Path = AUTOGROUP_FILE,
     getpriority: Callable[[int, int], int] = os.getpriority,
     setpriority: Callable[[int, int, int], None] = os.setpriority,
+    leads_session: bool | None = None,
 ) -> PriorityOutcome:
     """Set this process's (and its autogroup's) nice value as `wanted` says. Call before starting threads."""
     current = getpriority(os.PRIO_PROCESS, 0)
@@ -119,7 +124,10 @@ def apply_cpu_priority(
         except PermissionError:
             refused = f"nice {new} needs root or CAP_SYS_NICE"
     group = read_autogroup_nice(autogroup)
-    if group is not None:
+    if leads_session is None:
+        leads_session = os.getsid(0) == os.getpid()
+    shared = group is not None and not leads_session
+    if group is not None and not shared:
         new_group = target_nice(group, wanted)
         if new_group is not None:
             try:
@@ -129,11 +137,14 @@ def apply_cpu_priority(
                 refused = refused or f"autogroup nice {new_group} needs root or CAP_SYS_NICE"
             except OSError as exc:
                 refused = refused or f"cannot set the autogroup's nice value: {exc.strerror or exc}"
-    return PriorityOutcome(nice=current, autogroup_nice=group, refused=refused)
+    return PriorityOutcome(nice=current, autogroup_nice=group, refused=refused, shared_session=shared)
 
 
 def describe(outcome: PriorityOutcome) -> str:
     group = "" if outcome.autogroup_nice is None else f", session autogroup nice {outcome.autogroup_nice}"
+    if outcome.shared_session:
+        group += " (left alone: shared with the session that started this server; run each server in its own"
+        group += " session, e.g. under systemd or with setsid, for it to count)"
     text = f"CPU priority: nice {outcome.nice}{group}"
     if outcome.refused:
         text += (

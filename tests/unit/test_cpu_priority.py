@@ -88,11 +88,32 @@ def test_sets_process_and_autogroup(tmp_path: Path) -> None:
     group.write_text("/autogroup-1 nice 0\n")
     proc = FakeProcess(0, allowed=True)
     outcome = apply_cpu_priority(
-        CpuPriority(-10, explicit=False), autogroup=group, getpriority=proc.getpriority, setpriority=proc.setpriority
+        CpuPriority(-10, explicit=False),
+        autogroup=group,
+        getpriority=proc.getpriority,
+        setpriority=proc.setpriority,
+        leads_session=True,
     )
     assert (outcome.nice, outcome.autogroup_nice, outcome.refused) == (-10, -10, None)
     assert proc.nice == -10 and group.read_text() == "-10"
     assert describe(outcome) == "CPU priority: nice -10, session autogroup nice -10"
+
+
+def test_a_session_shared_with_the_terminal_keeps_its_group_priority(tmp_path: Path) -> None:
+    """Raising the terminal's autogroup would raise everything started from it, long after the server."""
+    group = tmp_path / "autogroup"
+    group.write_text("/autogroup-1 nice 0\n")
+    proc = FakeProcess(0, allowed=True)
+    outcome = apply_cpu_priority(
+        CpuPriority(-10, explicit=False),
+        autogroup=group,
+        getpriority=proc.getpriority,
+        setpriority=proc.setpriority,
+        leads_session=False,
+    )
+    assert (outcome.nice, outcome.autogroup_nice, outcome.shared_session) == (-10, 0, True)
+    assert group.read_text() == "/autogroup-1 nice 0\n"
+    assert "left alone: shared with the session" in describe(outcome)
 
 
 def test_refusal_is_reported_once_and_the_server_goes_on(tmp_path: Path) -> None:
@@ -102,6 +123,7 @@ def test_refusal_is_reported_once_and_the_server_goes_on(tmp_path: Path) -> None
         autogroup=tmp_path / "none",
         getpriority=proc.getpriority,
         setpriority=proc.setpriority,
+        leads_session=True,
     )
     assert (outcome.nice, outcome.autogroup_nice) == (0, None)
     assert outcome.refused == "nice -10 needs root or CAP_SYS_NICE"
