@@ -249,21 +249,20 @@ class ClusterDirectory:
                             retry.answered(loop.time(), reply)
         except asyncio.CancelledError:
             if retry.abandoned(loop.time()).in_doubt:
-                self.refusals += 1
-                self._mark_in_doubt(command)
-                log.warning("request %s (%s) in doubt: abandoned", command.request_id, type(command).__name__)
+                self._refused(command, in_doubt=True, why="(abandoned)")
             raise
         if approved:
             self.approvals += 1
             self.latency.observe(loop.time() - started)
             return True
-        self.refusals += 1
-        if in_doubt:
-            self._mark_in_doubt(command)
-            log.warning("request %s (%s) in doubt after %.1fs", command.request_id, type(command).__name__, deadline_s)
+        self._refused(command, in_doubt, why=f"after {deadline_s:.1f}s")
         return False
 
-    def _mark_in_doubt(self, command: rs.Command) -> None:
+    def _refused(self, command: rs.Command, in_doubt: bool, why: str) -> None:
+        self.refusals += 1
+        if not in_doubt:
+            return
+        log.warning("request %s (%s) in doubt %s", command.request_id, type(command).__name__, why)
         # Only what `late_commit_actions` may have to undo (node/late_commit.py).
         if isinstance(command, UNDOABLE):
             if len(self.in_doubt) >= MAX_IN_DOUBT:

@@ -42,11 +42,11 @@ def outage(reconcile_interval_s: float, clients: int = 10) -> Options:
 pytestmark = pytest.mark.timeout(600)
 
 
-def test_every_seed_keeps_the_invariants() -> None:
-    """SEEDS seeds of 3 servers and 5 clients under crashes, freezes and partitions; a failure prints each
-    failing seed's first line and the command that replays it."""
+def run_seeds(seeds: int, *options: str) -> None:
+    """`python -m tests.sim.cluster run` over `seeds` seeds in a fresh process; every seed must pass (a failure
+    prints each failing seed's first line and the command that replays it)."""
     out = subprocess.run(
-        [sys.executable, "-m", "tests.sim.cluster", "run", "--seeds", str(SEEDS), "--jobs", str(JOBS)],
+        [sys.executable, "-m", "tests.sim.cluster", "run", "--seeds", str(seeds), "--jobs", str(JOBS), *options],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -54,39 +54,25 @@ def test_every_seed_keeps_the_invariants() -> None:
     )
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"{SEEDS} seeds, 0 failed" in out.stdout
+    assert f"{seeds} seeds, 0 failed" in out.stdout
+
+
+def test_every_seed_keeps_the_invariants() -> None:
+    """SEEDS seeds of 3 servers and 5 clients under crashes, freezes and partitions."""
+    run_seeds(SEEDS)
 
 
 def test_churn_seeds_keep_the_invariants() -> None:
     """The churn scenario: clients log in again within 20 ms of a quit or drop, with the same name on the
     same server, and the reconciler looks every 0.3 s (its releases race the fresh claims)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.sim.cluster", "run", "--seeds", str(CHURN_SEEDS), "--first", "1000"]
-        + ["--jobs", str(JOBS), "--churn", "--reconcile-interval", "0.3"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    print(out.stdout)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"{CHURN_SEEDS} seeds, 0 failed" in out.stdout
+    run_seeds(CHURN_SEEDS, "--first", "1000", "--churn", "--reconcile-interval", "0.3")
 
 
 def test_outage_seeds_keep_the_invariants() -> None:
     """The outage scenario: all servers but one frozen for longer than a request's deadline, and the
     coordinator frozen for moments, with ten clients and the reconciler looking every 0.1 s."""
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.sim.cluster", "run", "--seeds", str(OUTAGE_SEEDS), "--first", str(OUTAGE_FIRST)]
-        + ["--jobs", str(JOBS), "--clients", "10", "--faults", "outage", "--reconcile-interval", "0.1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    print(out.stdout)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"{OUTAGE_SEEDS} seeds, 0 failed" in out.stdout
+    outage_args = ["--first", str(OUTAGE_FIRST), "--clients", "10", "--faults", "outage"]
+    run_seeds(OUTAGE_SEEDS, *outage_args, "--reconcile-interval", "0.1")
 
 
 @pytest.mark.parametrize("seed, churn", [(1056, False), (1034, True)])

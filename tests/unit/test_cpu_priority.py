@@ -12,6 +12,7 @@ from node.priority import (
     CPU_NICE_ENV,
     DEFAULT_CPU_NICE,
     CpuPriority,
+    PriorityOutcome,
     apply_cpu_priority,
     describe,
     parse_cpu_priority,
@@ -83,17 +84,21 @@ class FakeProcess:
         self.nice = value
 
 
+def apply(proc: FakeProcess, autogroup: Path, leads_session: bool) -> PriorityOutcome:
+    return apply_cpu_priority(
+        CpuPriority(-10, explicit=False),
+        autogroup=autogroup,
+        getpriority=proc.getpriority,
+        setpriority=proc.setpriority,
+        leads_session=leads_session,
+    )
+
+
 def test_sets_process_and_autogroup(tmp_path: Path) -> None:
     group = tmp_path / "autogroup"
     group.write_text("/autogroup-1 nice 0\n")
     proc = FakeProcess(0, allowed=True)
-    outcome = apply_cpu_priority(
-        CpuPriority(-10, explicit=False),
-        autogroup=group,
-        getpriority=proc.getpriority,
-        setpriority=proc.setpriority,
-        leads_session=True,
-    )
+    outcome = apply(proc, group, leads_session=True)
     assert (outcome.nice, outcome.autogroup_nice, outcome.refused) == (-10, -10, None)
     assert proc.nice == -10 and group.read_text() == "-10"
     assert describe(outcome) == "CPU priority: nice -10, session autogroup nice -10"
@@ -104,13 +109,7 @@ def test_a_session_shared_with_the_terminal_keeps_its_group_priority(tmp_path: P
     group = tmp_path / "autogroup"
     group.write_text("/autogroup-1 nice 0\n")
     proc = FakeProcess(0, allowed=True)
-    outcome = apply_cpu_priority(
-        CpuPriority(-10, explicit=False),
-        autogroup=group,
-        getpriority=proc.getpriority,
-        setpriority=proc.setpriority,
-        leads_session=False,
-    )
+    outcome = apply(proc, group, leads_session=False)
     assert (outcome.nice, outcome.autogroup_nice, outcome.shared_session) == (-10, 0, True)
     assert group.read_text() == "/autogroup-1 nice 0\n"
     assert "left alone: shared with the session" in describe(outcome)
@@ -118,13 +117,7 @@ def test_a_session_shared_with_the_terminal_keeps_its_group_priority(tmp_path: P
 
 def test_refusal_is_reported_once_and_the_server_goes_on(tmp_path: Path) -> None:
     proc = FakeProcess(0, allowed=False)
-    outcome = apply_cpu_priority(
-        CpuPriority(-10, explicit=False),
-        autogroup=tmp_path / "none",
-        getpriority=proc.getpriority,
-        setpriority=proc.setpriority,
-        leads_session=True,
-    )
+    outcome = apply(proc, tmp_path / "none", leads_session=True)
     assert (outcome.nice, outcome.autogroup_nice) == (0, None)
     assert outcome.refused == "nice -10 needs root or CAP_SYS_NICE"
     assert "Nice=-10" in describe(outcome) and "--cpu-nice off" in describe(outcome)
