@@ -357,6 +357,22 @@ class _SyncObj(SyncObj):
             # An immediate send must not postpone the read-only nodes' next periodic one.
             self._SyncObj__newAppendEntriesTime = due
 
+    def store_commit_index_when_changed(self) -> None:
+        """A follower hands PySyncObj's journal the commit index on every append-entries, changed or not,
+        and the journal rewrites its meta file (write, then rename) in the next second whenever it was
+        handed one: an idle replica wrote and renamed a file every second for nothing, a quarter of its busy
+        samples at 24 servers. Hand it over only when it changed; a changed index is stored as before."""
+        journal = getattr(self, "_SyncObj__raftLog", None)
+        if not isinstance(journal, FileJournal):
+            return
+        store = journal.setRaftCommitIndex
+
+        def store_when_changed(index: int) -> None:
+            if index != journal.getRaftCommitIndex():
+                store(index)
+
+        journal.setRaftCommitIndex = store_when_changed  # type: ignore[method-assign]
+
     def forget_leader(self) -> None:
         """A read-only node whose leader is known dead: PySyncObj keeps following it until another leader's
         append-entries arrive (a read-only node has no election timer), and forwards commands into the void
@@ -517,6 +533,7 @@ class ReplicatedRegistry:
         self_node = self.me.raft_address if self.voter else None  # None: a PySyncObj read-only node
         sync = _SyncObj(self_node, self._partners, self.sync_conf(), consumers=[self._log])
         sync.outlive(threading.main_thread())
+        sync.store_commit_index_when_changed()
         self._sync = sync
         self._partner_nodes = tuple(sync.otherNodes)
         sync.addOnTickCallback(self._on_tick)

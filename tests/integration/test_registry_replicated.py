@@ -4,6 +4,7 @@ bridge, a one-node cluster, and a lone node of three (a minority). Loopback only
 from __future__ import annotations
 
 import asyncio
+import pickle
 import socket
 import threading
 import time
@@ -312,6 +313,32 @@ def test_raft_leadership_moves_to_the_preferred_server(tmp_path: Path, registrie
         return await leader.submit(rs.ServerUp("u", "s1", 1), 2.0)
 
     assert asyncio.run(commit()).ok  # the old leader still commits, through the new one
+
+
+def test_an_idle_follower_does_not_rewrite_its_journal_meta_file(tmp_path: Path, registries) -> None:
+    """PySyncObj's follower handed the journal its (unchanged) commit index on every heartbeat, and the
+    journal rewrote and renamed its meta file every second: on an idle server, for nothing."""
+    config = make_config(tmp_path, 3)
+    nodes = [ReplicatedRegistry(config, f"s{i}", tmp_path / f"d{i}", SECRET) for i in (1, 2, 3)]
+    for node in nodes:
+        start(registries, node)
+    wait_for(lambda: all(n.is_ready() and n.has_quorum() for n in nodes))
+    leader = next(n for n in nodes if n.raft_status()["is_leader"])
+    follower = next(n for n in nodes if n is not leader)
+
+    async def commit() -> rs.Result:
+        return await leader.submit(rs.ServerUp("u", "s1", 1), 2.0)
+
+    assert asyncio.run(commit()).ok
+    meta = Path(str(follower.journal_path) + ".meta")
+    # The commit index reaches the follower with the next heartbeat and is stored within a second.
+    wait_for(lambda: meta.exists() and follower.raft_status()["commit_index"] == leader.raft_status()["commit_index"])
+    wait_for(lambda: pickle.loads(meta.read_bytes()).get("raftCommitIndex") == follower.raft_status()["commit_index"])
+    inode = meta.stat().st_ino  # the journal writes a new file and renames it over the old one
+    deadline = time.monotonic() + 2.5  # two of the journal's one-second timers, and 25 heartbeats
+    while time.monotonic() < deadline:
+        assert meta.stat().st_ino == inode, "the meta file was rewritten although nothing changed"
+        time.sleep(0.05)
 
 
 def test_a_release_waits_for_the_next_command_and_shares_its_log_entry(tmp_path: Path, registries) -> None:
