@@ -83,6 +83,10 @@ class ClusterTimings:
     # its fallback. The minimum exceeds two append-entries periods so a winner is heard first.
     raft_election_retry_min_s: float = 0.25
     raft_election_retry_max_s: float = 0.55
+    # A read-only replica that has every entry and the current commit index is sent an (empty) append-entries
+    # only this often: it has no election timer to feed, and keep-alives hold its connection. New entries,
+    # a new commit index or a new term still reach it at the next heartbeat.
+    raft_read_only_heartbeat_s: float = 1.0
     # A Raft connection that delivered nothing for this long is dropped (>= raft_max_timeout_s; idle
     # connections carry a keep-alive, see registry/replicated.py).
     raft_connection_timeout_s: float = 5.0
@@ -201,6 +205,13 @@ class ClusterTimings:
             "raft_tick_period_s <= raft_append_entries_period_s",
             "raft_tick_period_s",
             "raft_append_entries_period_s",
+        )
+        self._need(
+            self.raft_append_entries_period_s <= self.raft_read_only_heartbeat_s < self.raft_connection_timeout_s,
+            "raft_append_entries_period_s <= raft_read_only_heartbeat_s < raft_connection_timeout_s",
+            "raft_append_entries_period_s",
+            "raft_read_only_heartbeat_s",
+            "raft_connection_timeout_s",
         )
         self._need(
             self.raft_connection_timeout_s >= self.raft_max_timeout_s,

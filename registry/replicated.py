@@ -131,6 +131,8 @@ class RaftTimings:
     append_entries_use_batch: bool = False
     # Leader heartbeat; an election timeout must exceed 3 periods (PySyncObj checks).
     append_entries_period_s: float = _DEFAULTS.raft_append_entries_period_s
+    # A read-only replica with nothing new to receive gets an append-entries only this often.
+    read_only_heartbeat_s: float = _DEFAULTS.raft_read_only_heartbeat_s
     # A follower that hears no leader for a random time in [min, max] starts an election: the fallback, see
     # cluster/timings.py (a leader declared down is replaced at once through `leader_is_gone`).
     raft_min_timeout_s: float = _DEFAULTS.raft_min_timeout_s
@@ -169,6 +171,8 @@ class RaftTimings:
             raise ValueError("need 3 * append_entries_period_s < raft_min_timeout_s < raft_max_timeout_s")
         if self.connection_timeout_s < self.raft_max_timeout_s:
             raise ValueError("connection_timeout_s must be >= raft_max_timeout_s")
+        if not self.append_entries_period_s <= self.read_only_heartbeat_s < self.connection_timeout_s:
+            raise ValueError("need append_entries_period_s <= read_only_heartbeat_s < connection_timeout_s")
         if not 2 * self.append_entries_period_s < self.election_retry_min_s <= self.election_retry_max_s:
             raise ValueError("need 2 * append_entries_period_s < election_retry_min_s <= election_retry_max_s")
         if self.election_retry_max_s >= self.raft_min_timeout_s:
@@ -346,16 +350,50 @@ class _SyncObj(SyncObj):
         send = SyncObj._SyncObj__sendAppendEntries  # type: ignore[attr-defined]
         readonly = getattr(self, "_SyncObj__readonlyNodes", None)
         due = getattr(self, "_SyncObj__newAppendEntriesTime", 0)
-        if not readonly or monotonic() > due:
-            send(self)  # the periodic send (or no read-only node): everyone
+        if not readonly:
+            send(self)
             return
-        self._SyncObj__readonlyNodes = set()
+        periodic = monotonic() > due
+        self._SyncObj__readonlyNodes = readonly - self._idle_read_only_nodes(readonly) if periodic else set()
         try:
             send(self)
         finally:
             self._SyncObj__readonlyNodes = readonly
-            # An immediate send must not postpone the read-only nodes' next periodic one.
-            self._SyncObj__newAppendEntriesTime = due
+            if not periodic:
+                # An immediate send must not postpone the read-only nodes' next periodic one.
+                self._SyncObj__newAppendEntriesTime = due
+
+    # Set after construction from RaftTimings.read_only_heartbeat_s; PySyncObj's thread only from then on.
+    read_only_heartbeat_s = 1.0
+    _read_only_sent: dict[Any, tuple[float, int, int]] | None = None
+
+    def _idle_read_only_nodes(self, readonly: set[Any]) -> set[Any]:
+        """The read-only nodes a periodic send may skip: each has every entry (its next index is past the
+        log), was last sent the current term and commit index, and less than `read_only_heartbeat_s` ago.
+        An idle leader of 19 read-only nodes otherwise sent 190 encrypted heartbeats a second, each
+        decrypted and answered there, for nothing: read-only nodes have no election timer, and keep-alives
+        hold their connections. Records what the others are about to be sent."""
+        now = monotonic()
+        sent = self._read_only_sent
+        if sent is None:
+            sent = self._read_only_sent = {}
+        term, commit = self._SyncObj__raftCurrentTerm, self._SyncObj__raftCommitIndex
+        last_index = self._SyncObj__getCurrentLogIndex()
+        next_index = self._SyncObj__raftNextIndex
+        connected = self._SyncObj__connectedNodes
+        idle = set()
+        for node in readonly:
+            last = sent.get(node)
+            if (
+                last is not None
+                and last[1:] == (term, commit)
+                and now - last[0] < self.read_only_heartbeat_s
+                and next_index.get(node, 0) > last_index
+            ):
+                idle.add(node)
+            elif node in connected:  # PySyncObj skips a node it is not connected to: due again next period
+                sent[node] = (now, term, commit)
+        return idle
 
     def store_commit_index_when_changed(self) -> None:
         """A follower hands PySyncObj's journal the commit index on every append-entries, changed or not,
@@ -534,6 +572,7 @@ class ReplicatedRegistry:
         sync = _SyncObj(self_node, self._partners, self.sync_conf(), consumers=[self._log])
         sync.outlive(threading.main_thread())
         sync.store_commit_index_when_changed()
+        sync.read_only_heartbeat_s = self.timings.read_only_heartbeat_s
         self._sync = sync
         self._partner_nodes = tuple(sync.otherNodes)
         sync.addOnTickCallback(self._on_tick)

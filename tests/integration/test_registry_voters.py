@@ -4,6 +4,7 @@ through the leader. ReplicatedRegistry nodes in this process, loopback only, no 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,42 @@ def test_read_only_replicas_get_the_log_at_the_heartbeat_period_not_per_commit(t
     # Per commit PySyncObj would send at least two (the entry, then the commit index): 120 or more.
     assert len(sent) <= periods + 5, (len(sent), periods)
     wait_until(lambda: by_id["s1"].applied_commands() == leader.applied_commands(), 5, 0.01, "the reader catches up")
+
+
+def test_an_idle_read_only_replica_gets_a_heartbeat_only_every_read_only_heartbeat(
+    tmp_path: Path, registries
+) -> None:
+    """A read-only replica with every entry needs no heartbeat at the leader's period (it has no election
+    timer); a new commit still reaches it at the next one."""
+    nodes = cluster(tmp_path, registries, 4, voters="s2 s3 s4")
+    by_id = {n.server_id: n for n in nodes}
+    reader = by_id["s1"]
+    leader = by_id[reader.status().leader or ""]
+    sync = leader._sync
+    assert sync is not None
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    readonly = set(sync.readonlyNodes)
+    sent: list[float] = []
+    original = transport.send
+
+    def counting(node, message):  # PySyncObj's thread
+        if node in readonly and message.get("type") == "append_entries":
+            sent.append(time.monotonic())
+        return original(node, message)
+
+    transport.send = counting
+    try:
+        window = 2.5
+        deadline = time.monotonic() + window
+        while time.monotonic() < deadline:  # idle: nothing submitted
+            time.sleep(0.05)
+        heartbeats = leader.timings.read_only_heartbeat_s
+        assert len(sent) <= window / heartbeats + 1, (len(sent), window / leader.timings.append_entries_period_s)
+        sent.clear()
+        submitted = time.monotonic()
+        assert submit(leader, rs.ServerUp("idle-commit", "s1", 7)).ok
+        wait_until(lambda: reader.applied_commands() == leader.applied_commands(), 5, 0.005, "the reader has it")
+        took = time.monotonic() - submitted
+    finally:
+        transport.send = original
+    assert took < heartbeats / 2, took  # the commit went out at the next period, not at the idle heartbeat
