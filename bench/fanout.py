@@ -12,7 +12,7 @@ Three servers run side by side, each in its own process, and the same load gener
 
 The load generator (`--loadgen`, its own process, on uvloop when installed) opens every client connection
 and logs them in. Then it hands the sockets of the plain receivers (neither sending, tracking nor sampling:
-96 of 100) to a counter process (`--count`), which reads each of them in bulk every `COUNT_PERIOD_S` and
+92 of 100) to a counter process (`--count`), which reads each of them in bulk every `COUNT_PERIOD_S` and
 only counts the newlines, so that the generator, not the server, keeps CPU headroom at the relay's peak
 (one process reading every delivery used 98% of a core there). Each message carries its send time in its
 content; every client counts the lines it receives (deliveries), and a sample of the receivers, read as
@@ -101,9 +101,9 @@ CHATMESH_LOOPS = {"chatmesh": "asyncio", "chatmesh-uvloop": "uvloop"}
 BASELINE = "batched"
 
 # The counter process (plain receivers): one bulk read per socket every COUNT_PERIOD_S, up to
-# COUNT_READ_BYTES each (a socket's backlog after one period at the relay's peak is ~20 KB); sockets go over
+# COUNT_READ_BYTES each (a socket's backlog after one period at the relay's peak is ~50 KB); sockets go over
 # in groups of COUNT_FDS_PER_MESSAGE (SCM_RIGHTS takes at most 253 at a time).
-COUNT_PERIOD_S = 0.002
+COUNT_PERIOD_S = 0.005
 COUNT_READ_BYTES = 1 << 20
 COUNT_FDS_PER_MESSAGE = 200
 COUNT_REPLY_TIMEOUT_S = 10.0
