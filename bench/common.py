@@ -190,6 +190,13 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of stat)
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def match_server_priority(pids: Sequence[int], env: dict[str, str]) -> int | None:
     """Give processes that stand beside the chat servers as their baseline (bare registry nodes, bare hops)
     the CPU priority a server takes at start (node/priority.py: its nice value, every thread's, and its
