@@ -366,6 +366,7 @@ class _SyncObj(SyncObj):
     # Set after construction from RaftTimings.read_only_heartbeat_s; PySyncObj's thread only from then on.
     read_only_heartbeat_s = 1.0
     _read_only_sent: dict[Any, tuple[float, int, int]] | None = None
+    _read_only_term = -1
 
     def _idle_read_only_nodes(self, readonly: set[Any]) -> set[Any]:
         """The read-only nodes a periodic send may skip: each has every entry (its next index is past the
@@ -378,6 +379,12 @@ class _SyncObj(SyncObj):
         if sent is None:
             sent = self._read_only_sent = {}
         term, commit = self._SyncObj__raftCurrentTerm, self._SyncObj__raftCommitIndex
+        if term != self._read_only_term:
+            # A new leader's first sends: voters only. The no-op entry that makes this leader ready commits
+            # on the voters' answers, and 19 read-only nodes' (their decrypts, answers and wake-ups on a
+            # shared machine) would compete with them; they get the log one period later.
+            self._read_only_term = term
+            return set(readonly)
         last_index = self._SyncObj__getCurrentLogIndex()
         next_index = self._SyncObj__raftNextIndex
         connected = self._SyncObj__connectedNodes
