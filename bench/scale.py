@@ -284,8 +284,13 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if large["servers"] >= 24:
         out["startup_s_at_24"] = large["startup_s"] <= TARGETS["startup_s_at_24"]
+        # Every server, the busiest too (the coordinator: the star's hub and the Raft leader); the median
+        # alongside, as the figure for a member.
         out["idle_cpu_percent_per_server_at_24"] = (
             large["idle"]["cpu_percent_max"] <= TARGETS["idle_cpu_percent_per_server_at_24"]
+        )
+        out["idle_cpu_percent_median_at_24_met"] = (
+            large["idle"]["cpu_percent_median"] <= TARGETS["idle_cpu_percent_per_server_at_24"]
         )
     if "login" in small and "login" in large:
         ratio = large["login"]["p50_ms"] / small["login"]["p50_ms"]
