@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import finish_report, machine_info
+from bench.common import finish_report, machine_info, proc_cpu_s
 from cluster.timings import ClusterTimings
 from tests.fault.invariants import Clients, NoReply, Session, SessionLost, now, probe_login
 from tests.support import Cluster, wait_until
@@ -125,6 +125,8 @@ def one_round(cluster: Cluster, clients: Clients, index: int, mode: str) -> dict
     load = os.getloadavg()[0]
 
     timing: dict[str, float] = {}
+    pids = {s: cluster.procs.procs[s].pid for s in survivors}
+    cpu0 = {s: proc_cpu_s(pid) for s, pid in pids.items()}
     t0 = now()
     if mode == "kill":
         cluster.kill(victim)
@@ -138,6 +140,10 @@ def one_round(cluster: Cluster, clients: Clients, index: int, mode: str) -> dict
     took, _, attempts = probe_login(
         clients.connect, survivors, f"r{mode}{index}x", clients.ledger, t0, FAILOVER_TIMEOUT_S
     )
+    # What the survivors spent until that approval (all their threads; /proc counts in 10 ms ticks, so
+    # one process's figure is coarse and the sum over many is not): how busy the failover kept the machine.
+    window = now() - t0
+    survivors_cpu_s = sum(proc_cpu_s(pid) - cpu0[s] for s, pid in pids.items())
     for thread in threads:
         thread.join(FAILOVER_TIMEOUT_S)
     problems: list[str] = []
@@ -167,6 +173,8 @@ def one_round(cluster: Cluster, clients: Clients, index: int, mode: str) -> dict
         "names_freed_s": timing.get("names_freed_s"),
         "rooms_gone_s": timing.get("rooms_gone_s"),
         "killed_raft_leader": raft_leader == victim,
+        "survivors_cpu_ms": round(1000 * survivors_cpu_s),
+        "survivors_cpu_share_of_machine": round(survivors_cpu_s / window / (os.cpu_count() or 1), 3),
         "attempts": attempts,
         "load_avg_1m": round(load, 2),
         "problems": problems,
@@ -198,12 +206,16 @@ def _dropped(session: Session) -> bool:
         return session.closed
 
 
-def bench_size(size: int, rounds: int, modes: list[str]) -> list[dict[str, Any]]:
+def bench_size(size: int, rounds: int, modes: list[str], read_only_nice: str | None = None) -> list[dict[str, Any]]:
     root = Path(tempfile.mkdtemp(prefix=f"chatmesh-failover-{size}-"))
     # The probes poll `list` and log in far faster than an interactive client may.
     cluster = Cluster(
         root, size, env={"CHATMESH_LIMIT_MESSAGE_RATE_PER_S": "0", "CHATMESH_LIMIT_MAX_CONNECTIONS_PER_IP": "100000"}
     )
+    if read_only_nice is not None:
+        for sid in cluster.ids:
+            if not cluster.config.is_voter(sid):
+                cluster.extra_args[sid] = ["--cpu-nice", read_only_nice]
     clients = Clients(cluster)
     rows = []
     try:
@@ -267,6 +279,9 @@ def summarise(size: int, mode: str, results: list[dict[str, Any]]) -> dict[str, 
         "missing": sum(r["approved_s"] == float("inf") or r["names_freed_s"] is None for r in results),
         "problems": [p for r in results for p in r["problems"]],
         "median_load_avg_1m": statistics.median(r["load_avg_1m"] for r in results),
+        "median_survivors_cpu_share_of_machine": statistics.median(
+            r["survivors_cpu_share_of_machine"] for r in results
+        ),
         "target": target,
         "met": met,
         "per_round": results,
@@ -280,7 +295,7 @@ def _fmt(value: float | None) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "servers  mode  rounds  approved med/max   names freed med/max  rooms gone med/max  raft leader too  load"
-        "  targets",
+        "  survivors' CPU  targets",
     ]
     for r in rows:
         a, f, g = r["approved"], r["names_freed"], r["rooms_gone"]
@@ -288,7 +303,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['servers']:>7}  {r['mode']:>4}  {r['rounds']:>6}  {_fmt(a['median_s']):>7} / {_fmt(a['max_s']):>7}"
             f"  {_fmt(f['median_s']):>7} / {_fmt(f['max_s']):>7}  {_fmt(g['median_s']):>7} / {_fmt(g['max_s']):>7}"
-            f"  {r['raft_leader_failed_too']:>15}  {r['median_load_avg_1m']:>4}  {met}"
+            f"  {r['raft_leader_failed_too']:>15}  {r['median_load_avg_1m']:>4}"
+            f"  {100 * r['median_survivors_cpu_share_of_machine']:>13.0f}%  {met}"
         )
     return "\n".join(lines)
 
@@ -298,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="failures per cluster size and mode")
     parser.add_argument("--sizes", default="5", help="cluster sizes, comma-separated")
     parser.add_argument("--modes", default="kill,stop", help="kill (SIGKILL) and/or stop (SIGSTOP)")
+    parser.add_argument(
+        "--read-only-nice",
+        help="start the read-only replicas (servers beyond the voter core) with --cpu-nice N: how much of a "
+        "failover on one machine is queueing behind survivors that are not on its path",
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="where to write the JSON results")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -309,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in sizes:
         print(f"measuring {size} servers, {args.rounds} rounds of {', '.join(modes)} ...", file=sys.stderr, flush=True)
-        rows += bench_size(size, args.rounds, modes)
+        rows += bench_size(size, args.rounds, modes, args.read_only_nice)
     print(format_table(rows))
     command = "python -m bench.failover" + (f" --rounds {args.rounds}" if args.rounds != 10 else "")
     command += f" --sizes {args.sizes}" if args.sizes != "5" else ""
     command += f" --modes {args.modes}" if args.modes != "kill,stop" else ""
+    command += f" --read-only-nice {args.read_only_nice}" if args.read_only_nice is not None else ""
     report = {
         "command": command,
         "taken_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -181,6 +181,8 @@ class Cluster:
         self.config = load_config(self.config_path)
         self.procs = Processes()
         self.env = {"CHATMESH_SECRET": TEST_SECRET, "CHATMESH_ADMIN_TOKEN": TEST_ADMIN_TOKEN}
+        # More command-line options for some servers (a bench starts the read-only ones at another priority).
+        self.extra_args: dict[str, list[str]] = {}
         if env:
             self.env.update(env)
         self.stopped: set[str] = set()
@@ -207,6 +209,7 @@ class Cluster:
             server_id,
             "--data-dir",
             str(self.root / "data" / server_id),
+            *self.extra_args.get(server_id, ()),
         ]
         self.procs.start(server_id, args, self.root, env=self.env)
 
