@@ -46,6 +46,10 @@ class Limits:
     max_queued_lines: int = 256
     # A client routed to another server that keeps its old connection open is closed after this time.
     routed_linger_s: float = 30.0
+    # Chat broadcasts that follow another flush this closely wait for the rest of this time, so a busy
+    # room's lines leave in fewer, larger writes (one send per receiver per flush). The first line after a
+    # quiet moment, and every direct reply, still go out in the loop turn that made them (0 = never wait).
+    broadcast_coalesce_s: float = 0.002
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

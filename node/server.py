@@ -164,6 +164,9 @@ class ChatServer:
         # Runs of lines to the same room are joined once and shared by every receiver (see _materialize).
         self._held: list[tuple[tuple[ConnId, ...], list[bytes], list[ConnId | None]]] = []
         self._flush_scheduled = False
+        # The pending flush when it waits for `broadcast_coalesce_s`, and when the last one ran (loop time).
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
         self._to_drop: list[tuple[ConnId, str]] = []
         self._applying = False
         # Reader task -> its transport, so close() can abort a transport whose graceful close is stuck
@@ -595,7 +598,7 @@ class ChatServer:
                 else:
                     held.append((effect.conns, [data], [effect.exclude]))
                 if not self._flush_scheduled:
-                    self._schedule_flush()
+                    self._schedule_flush(coalesce=True)
                 continue
             self._materialize()
             if type(effect) is Deliver:
@@ -631,21 +634,34 @@ class ChatServer:
             return
         if not conn.out:
             self._dirty.append(conn)
-            if not self._flush_scheduled:
-                self._schedule_flush()
+        if not self._flush_scheduled or self._flush_timer is not None:
+            self._schedule_flush()  # a reply never waits behind coalesced broadcasts
         conn.out.append(data)
         conn.out_bytes += len(data)
         if conn.out_bytes > self.limits.max_pending_output_bytes:
             self._overflow(conn)
 
-    def _schedule_flush(self) -> None:
-        assert self._loop is not None
+    def _schedule_flush(self, coalesce: bool = False) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         self._flush_scheduled = True
+        due = self._last_flush + self.limits.broadcast_coalesce_s
+        if coalesce and due > loop.time():
+            self._flush_timer = loop.call_at(due, self._flush)
+            return
         # call_soon runs after every callback already ready in this turn: their output joins this write.
-        self._loop.call_soon(self._flush)
+        loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        if not self._flush_scheduled:
+            return  # a coalesced flush that an immediate one already did
         self._flush_scheduled = False
+        self._flush_timer = None
+        assert self._loop is not None
+        self._last_flush = self._loop.time()
         self._materialize()
         dirty, self._dirty = self._dirty, []
         limit = self.limits.max_pending_output_bytes

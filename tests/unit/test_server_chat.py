@@ -727,3 +727,35 @@ def test_a_login_waits_for_the_reconcilers_release_of_its_name() -> None:
             assert directory.identities == {"Alice": "s1"}
 
     run(scenario)
+
+
+def test_broadcasts_right_after_a_flush_are_coalesced_but_replies_never_wait() -> None:
+    """`broadcast_coalesce_s`: the first line after a quiet moment goes out at once; a line that follows a
+    write closely waits for the rest of the window, so a busy room's lines leave in fewer writes; a reply
+    to the client's own request is written at once, and takes any waiting broadcast with it."""
+    window = 0.4  # far above any scheduling jitter, so the test is about the rule, not the clock
+
+    async def scenario() -> None:
+        async with serving(Limits(message_rate_per_s=0, broadcast_coalesce_s=window)) as (server, _):
+            loop = asyncio.get_running_loop()
+            a = await Client.connect(server.port)
+            await a.login("Alice")
+            b = await Client.connect(server.port)
+            await b.login("Bob")
+            assert await a.recv() == rc("Bob", "", MAIN)
+            await asyncio.sleep(window)  # a quiet moment (the login's writes are older than the window)
+            sent = loop.time()
+            await a.send({"type": "message", "content": "one"})
+            assert await b.recv(window / 2) == {"type": "message", "identity": "Alice", "content": "one"}
+            assert loop.time() - sent < window / 2
+            await a.send({"type": "message", "content": "two"})
+            await b.expect_nothing(window / 4)  # held: it follows the last write closely
+            assert await b.recv(window) == {"type": "message", "identity": "Alice", "content": "two"}
+            await a.send({"type": "message", "content": "three"})
+            asked = loop.time()
+            await a.send({"type": "list"})
+            assert (await a.recv(window / 2))["type"] == "roomlist"
+            assert loop.time() - asked < window / 2  # the reply did not wait
+            assert await b.recv(window / 2) == {"type": "message", "identity": "Alice", "content": "three"}
+
+    run(scenario)
