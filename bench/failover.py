@@ -40,7 +40,7 @@ from typing import Any
 from bench.common import finish_report, machine_info, proc_cpu_s
 from cluster.timings import ClusterTimings
 from tests.fault.invariants import Clients, NoReply, Session, SessionLost, now, probe_login
-from tests.support import Cluster, wait_until
+from tests.support import Cluster, http_json, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "failover.json"
@@ -110,12 +110,30 @@ def _raft_follows(cluster: Cluster, victim: str) -> bool:
         return False
 
 
+def _heard_everywhere(cluster: Cluster, victim: str, survivors: list[str]) -> bool:
+    """Every survivor has heard the victim's current incarnation. After the previous round the victim
+    restarted (kill) or was fenced and took a new incarnation (stop); a survivor that has it registered but
+    not yet heard gives it `unheard_grace_s` (2 s) before declaring it down, so a round started sooner
+    measures that grace instead of a failover (one SIGSTOP round froze the victim 40 ms after it led again:
+    names and rooms freed after 2.1 s)."""
+
+    def heard(at: str) -> int | None:
+        servers = http_json(cluster.admin_url(at) + "/servers", 1.0)["servers"]
+        return next((s.get("incarnation") for s in servers if s["server_id"] == victim), None)
+
+    own = heard(victim)
+    return own is not None and all(heard(s) == own for s in survivors)
+
+
 def one_round(cluster: Cluster, clients: Clients, index: int, mode: str) -> dict[str, Any]:
     ids = cluster.ids
     victim = ids[-1]
     survivors = ids[:-1]
     cluster.wait_coordinator(victim, START_TIMEOUT_S)
     wait_until(lambda: cluster.status(victim)["serving"], START_TIMEOUT_S, 0.05, f"{victim} serving")
+    wait_until(
+        lambda: _heard_everywhere(cluster, victim, survivors), START_TIMEOUT_S, 0.05, f"{victim} heard everywhere"
+    )
     _raft_follows(cluster, victim)
     held = clients.login(victim, f"held{mode}{index}")
     room = f"room{mode}{index}"

@@ -183,6 +183,7 @@ def server_json(server: ServerView, snapshot: Snapshot, schemes: Schemes = PLAIN
         "admin_url": admin_url(server, schemes),
         "ws_port": server.ws_port,
         "ws_url": ws_url(server, schemes),
+        "incarnation": server.incarnation,
         "self": server.server_id == snapshot.server_id,
     }
 

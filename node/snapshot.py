@@ -84,6 +84,7 @@ class SnapshotBuilder:
     ) -> Snapshot:
         coordinator = self.election.coordinator
         up = set(self.election.servers_up) | {self.server_id}
+        heard = {**self.election.peer_incarnations, self.server_id: self.election.incarnation}
         servers = tuple(
             ServerView(
                 server_id=s.server_id,
@@ -93,6 +94,7 @@ class SnapshotBuilder:
                 admin_port=s.admin_port,
                 raft_port=s.raft_port,
                 ws_port=s.ws_port,
+                incarnation=heard.get(s.server_id),
                 priority=s.priority,
                 up=s.server_id in up,
                 role=ROLE_DOWN

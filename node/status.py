@@ -56,6 +56,10 @@ class ServerView:
     # "coordinator", "member", "down" or "starting" (free text, shown as is).
     role: str = ROLE_MEMBER
     ws_port: int = 0
+    # The incarnation of that server's heartbeats last heard here (this server's own, for itself): a server
+    # restarted or fenced is "settled" once every peer has heard its new incarnation (until then the
+    # coordinator gives it `unheard_grace_s` before declaring it down).
+    incarnation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

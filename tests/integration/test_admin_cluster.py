@@ -35,3 +35,27 @@ def test_clients_and_room_members_follow_local_joins(tmp_path: Path) -> None:
         finally:
             alice.close()
             bob.close()
+
+
+def test_servers_show_the_incarnation_heard_and_follow_a_restart(tmp_path: Path) -> None:
+    """`incarnation` in /servers: each server's own, and the one of each peer's heartbeats
+    heard here, so an operator (and bench.failover) can see when a restarted server is heard everywhere."""
+
+    def views(cluster) -> dict[str, dict[str, int | None]]:
+        return {
+            sid: {s["server_id"]: s["incarnation"] for s in http_json(cluster.admin_url(sid) + "/servers")["servers"]}
+            for sid in cluster.ids
+        }
+
+    def settled(cluster) -> bool:
+        seen = views(cluster)
+        return all(seen[sid][peer] == seen[peer][peer] is not None for sid in seen for peer in seen)
+
+    with start_cluster(tmp_path, 3) as cluster:
+        wait_until(lambda: settled(cluster), 20, 0.05, "every server heard every incarnation")
+        before = views(cluster)["s1"]["s1"]
+        cluster.kill("s1")
+        cluster.start("s1")
+        cluster.wait_ready("s1", 30)
+        wait_until(lambda: settled(cluster), 20, 0.05, "every server heard the restarted one")
+        assert views(cluster)["s2"]["s1"] != before

@@ -226,6 +226,7 @@ def test_servers_lists_every_configured_server_as_this_server_sees_it(admin: Adm
         "admin_url": "http://127.0.0.1:6444",
         "ws_port": 0,
         "ws_url": "ws://127.0.0.1:0/",
+        "incarnation": None,
         "self": True,
     }
 
