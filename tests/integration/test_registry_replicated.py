@@ -297,13 +297,20 @@ def test_commands_submitted_in_one_loop_turn_share_a_log_entry_and_keep_their_or
     assert registry.applied_commands() == 101
 
 
-def test_raft_leadership_moves_to_the_preferred_server(tmp_path: Path, registries) -> None:
+def three_replicas(
+    tmp_path: Path, registries: list[ReplicatedRegistry]
+) -> tuple[list[ReplicatedRegistry], ReplicatedRegistry]:
+    """Three started replicas, ready with a quorum, and their leader."""
     config = make_config(tmp_path, 3)
     nodes = [ReplicatedRegistry(config, f"s{i}", tmp_path / f"d{i}", SECRET) for i in (1, 2, 3)]
     for node in nodes:
         start(registries, node)
     wait_for(lambda: all(n.is_ready() and n.has_quorum() for n in nodes))
-    leader = next(n for n in nodes if n.raft_status()["is_leader"])
+    return nodes, next(n for n in nodes if n.raft_status()["is_leader"])
+
+
+def test_raft_leadership_moves_to_the_preferred_server(tmp_path: Path, registries) -> None:
+    nodes, leader = three_replicas(tmp_path, registries)
     target = next(n for n in nodes if n is not leader)
     for node in nodes:
         node.prefer_leader(target.server_id)
@@ -318,12 +325,7 @@ def test_raft_leadership_moves_to_the_preferred_server(tmp_path: Path, registrie
 def test_an_idle_follower_does_not_rewrite_its_journal_meta_file(tmp_path: Path, registries) -> None:
     """PySyncObj's follower handed the journal its (unchanged) commit index on every heartbeat, and the
     journal rewrote and renamed its meta file every second: on an idle server, for nothing."""
-    config = make_config(tmp_path, 3)
-    nodes = [ReplicatedRegistry(config, f"s{i}", tmp_path / f"d{i}", SECRET) for i in (1, 2, 3)]
-    for node in nodes:
-        start(registries, node)
-    wait_for(lambda: all(n.is_ready() and n.has_quorum() for n in nodes))
-    leader = next(n for n in nodes if n.raft_status()["is_leader"])
+    nodes, leader = three_replicas(tmp_path, registries)
     follower = next(n for n in nodes if n is not leader)
 
     async def commit() -> rs.Result:
@@ -347,15 +349,25 @@ def test_a_release_waits_for_the_next_command_and_shares_its_log_entry(tmp_path:
     wait_for(lambda: registry.is_ready() and registry.has_quorum())
     defer_s = registry.timings.release_defer_s
 
+    async def next_tick_sample() -> None:
+        # The status is sampled on PySyncObj's thread at the end of each tick, after the commit callbacks
+        # of that tick: a sample taken since now reflects the commits already answered. (Reading the
+        # commit index right after an answer could see the sample before it, and count one entry too many.)
+        sample = registry._tick
+        async with asyncio.timeout(2.0):
+            while registry._tick is sample:
+                await asyncio.sleep(0.005)
+
     async def scenario() -> tuple[int, float, list[rs.Result]]:
         await registry.submit(rs.ServerUp("u", "s1", 1), 2.0)
         await registry.submit(rs.ClaimIdentity("c1", "ana", "s1", 1), 2.0)
+        await next_tick_sample()
         before = registry.raft_status()["commit_index"]
         release = asyncio.ensure_future(registry.submit(rs.ReleaseIdentity("r1", "ana", "s1", 1), 2.0))
         await asyncio.sleep(defer_s / 5)  # the next user logs in meanwhile, under the released name
         claim = asyncio.ensure_future(registry.submit(rs.ClaimIdentity("c2", "ana", "s1", 1), 2.0))
         results = list(await asyncio.gather(release, claim))
-        await asyncio.sleep(0.2)  # the status sample is taken after PySyncObj's next tick
+        await next_tick_sample()
         shared = registry.raft_status()["commit_index"] - before
         # A release with nobody after it still goes out once its wait is over.
         started = asyncio.get_running_loop().time()
