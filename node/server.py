@@ -656,8 +656,6 @@ class ChatServer:
         loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        if not self._flush_scheduled:
-            return  # a coalesced flush that an immediate one already did
         self._flush_scheduled = False
         self._flush_timer = None
         assert self._loop is not None

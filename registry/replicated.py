@@ -303,6 +303,13 @@ class _SyncObj(SyncObj):
     `outlive(thread)`: the tick thread stops once the thread that created the SyncObj ends; tying it to the
     main thread lets a worker thread run the blocking start (journal load, bind retries) off the loop."""
 
+    def __init__(self, *args: Any, read_only_heartbeat_s: float, **kwargs: Any) -> None:
+        # Set before PySyncObj's constructor starts its tick thread; that thread alone uses them afterwards.
+        self.read_only_heartbeat_s = read_only_heartbeat_s
+        self._read_only_sent: dict[Any, tuple[float, int, int]] = {}  # node -> (when, term, commit index)
+        self._read_only_term = -1  # the term of the last periodic send
+        super().__init__(*args, **kwargs)
+
     def elect_now(self) -> None:
         self._SyncObj__raftElectionDeadline = 0
 
@@ -363,10 +370,6 @@ class _SyncObj(SyncObj):
                 # An immediate send must not postpone the read-only nodes' next periodic one.
                 self._SyncObj__newAppendEntriesTime = due
 
-    # Set after construction from RaftTimings.read_only_heartbeat_s; PySyncObj's thread only from then on.
-    read_only_heartbeat_s = 1.0
-    _read_only_sent: dict[Any, tuple[float, int, int]] | None = None
-    _read_only_term = -1
 
     def _idle_read_only_nodes(self, readonly: set[Any]) -> set[Any]:
         """The read-only nodes a periodic send may skip: each has every entry (its next index is past the
@@ -376,8 +379,6 @@ class _SyncObj(SyncObj):
         hold their connections. Records what the others are about to be sent."""
         now = monotonic()
         sent = self._read_only_sent
-        if sent is None:
-            sent = self._read_only_sent = {}
         term, commit = self._SyncObj__raftCurrentTerm, self._SyncObj__raftCommitIndex
         if term != self._read_only_term:
             # A new leader's first sends: voters only. The no-op entry that makes this leader ready commits
@@ -576,10 +577,15 @@ class ReplicatedRegistry:
             self._check_data_dir()
         raft_wire.install()  # no deflate per message (registry/raft_wire.py)
         self_node = self.me.raft_address if self.voter else None  # None: a PySyncObj read-only node
-        sync = _SyncObj(self_node, self._partners, self.sync_conf(), consumers=[self._log])
+        sync = _SyncObj(
+            self_node,
+            self._partners,
+            self.sync_conf(),
+            consumers=[self._log],
+            read_only_heartbeat_s=self.timings.read_only_heartbeat_s,
+        )
         sync.outlive(threading.main_thread())
         sync.store_commit_index_when_changed()
-        sync.read_only_heartbeat_s = self.timings.read_only_heartbeat_s
         self._sync = sync
         self._partner_nodes = tuple(sync.otherNodes)
         sync.addOnTickCallback(self._on_tick)

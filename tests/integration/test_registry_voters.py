@@ -4,7 +4,9 @@ through the leader. ReplicatedRegistry nodes in this process, loopback only, no 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,37 @@ def cluster(
         node.start()
     wait_until(lambda: all(n.is_ready() and n.has_quorum() for n in nodes), 15, 0.01, "every replica ready")
     return nodes
+
+
+@contextlib.contextmanager
+def read_only_appends(leader: ReplicatedRegistry) -> Iterator[list[float]]:
+    """The times of the append-entries `leader` sends to its read-only nodes while inside."""
+    sync = leader._sync
+    assert sync is not None
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    readonly = set(sync.readonlyNodes)
+    sent: list[float] = []
+    original = transport.send
+
+    def counting(node, message):  # PySyncObj's thread
+        if node in readonly and message.get("type") == "append_entries":
+            sent.append(time.monotonic())
+        return original(node, message)
+
+    transport.send = counting
+    try:
+        yield sent
+    finally:
+        transport.send = original
+
+
+def close_the_leader(nodes: list[ReplicatedRegistry]) -> tuple[dict[str, ReplicatedRegistry], str]:
+    """Close the Raft leader that s1 follows: the replicas by server id, and the closed one's id."""
+    by_id = {n.server_id: n for n in nodes}
+    old = by_id["s1"].status().leader
+    assert old is not None
+    by_id[old].close()
+    return by_id, old
 
 
 def submit(node: ReplicatedRegistry, command: rs.Command, timeout: float = 3.0) -> rs.Result:
@@ -84,12 +117,8 @@ def test_commits_wait_on_a_majority_of_voters_only(tmp_path: Path, registries) -
 
 
 def test_a_read_only_replica_forgets_a_dead_leader_and_follows_the_next(tmp_path: Path, registries) -> None:
-    nodes = cluster(tmp_path, registries, 4, voters="s2 s3 s4")
-    by_id = {n.server_id: n for n in nodes}
+    by_id, old = close_the_leader(cluster(tmp_path, registries, 4, voters="s2 s3 s4"))
     reader = by_id["s1"]
-    old = reader.status().leader
-    assert old is not None
-    by_id[old].close()
     wait_until(lambda: not reader.has_quorum(), 5, 0.01, "the reader sees its leader's connection end")
     reader.leader_is_gone(old)
     wait_until(lambda: reader.status().leader != old, 5, 0.01, "the reader forgets the dead leader")
@@ -105,20 +134,7 @@ def test_read_only_replicas_get_the_log_at_the_heartbeat_period_not_per_commit(t
     nodes = cluster(tmp_path, registries, 4, voters="s2 s3 s4")
     by_id = {n.server_id: n for n in nodes}
     leader = by_id[by_id["s1"].status().leader or ""]
-    sync = leader._sync
-    assert sync is not None
-    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
-    readonly = set(sync.readonlyNodes)
-    assert len(readonly) == 1
-    sent: list[str] = []
-    original = transport.send
-
-    def counting(node, message):  # PySyncObj's thread
-        if node in readonly and message.get("type") == "append_entries":
-            sent.append(message["type"])
-        return original(node, message)
-
-    transport.send = counting
+    assert leader._sync is not None and len(leader._sync.readonlyNodes) == 1
 
     async def burst() -> float:
         loop = asyncio.get_running_loop()
@@ -127,8 +143,8 @@ def test_read_only_replicas_get_the_log_at_the_heartbeat_period_not_per_commit(t
             assert (await leader.submit(rs.ServerUp(f"u{i}", "s1", i + 1), 3.0)).ok
         return loop.time() - started
 
-    elapsed = asyncio.run(burst())
-    transport.send = original
+    with read_only_appends(leader) as sent:
+        elapsed = asyncio.run(burst())
     periods = elapsed / leader.timings.append_entries_period_s
     # Per commit PySyncObj would send at least two (the entry, then the commit index): 120 or more.
     assert len(sent) <= periods + 5, (len(sent), periods)
@@ -144,33 +160,18 @@ def test_an_idle_read_only_replica_gets_a_heartbeat_only_every_read_only_heartbe
     by_id = {n.server_id: n for n in nodes}
     reader = by_id["s1"]
     leader = by_id[reader.status().leader or ""]
-    sync = leader._sync
-    assert sync is not None
-    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
-    readonly = set(sync.readonlyNodes)
-    sent: list[float] = []
-    original = transport.send
-
-    def counting(node, message):  # PySyncObj's thread
-        if node in readonly and message.get("type") == "append_entries":
-            sent.append(time.monotonic())
-        return original(node, message)
-
-    transport.send = counting
-    try:
+    heartbeats = leader.timings.read_only_heartbeat_s
+    with read_only_appends(leader) as sent:
         window = 2.5
         deadline = time.monotonic() + window
         while time.monotonic() < deadline:  # idle: nothing submitted
             time.sleep(0.05)
-        heartbeats = leader.timings.read_only_heartbeat_s
         assert len(sent) <= window / heartbeats + 1, (len(sent), window / leader.timings.append_entries_period_s)
         sent.clear()
         submitted = time.monotonic()
         assert submit(leader, rs.ServerUp("idle-commit", "s1", 7)).ok
         wait_until(lambda: reader.applied_commands() == leader.applied_commands(), 5, 0.005, "the reader has it")
         took = time.monotonic() - submitted
-    finally:
-        transport.send = original
     assert took < heartbeats / 2, took  # the commit went out at the next period, not at the idle heartbeat
 
 
@@ -188,12 +189,8 @@ def test_a_new_leaders_first_append_entries_go_to_the_voters_only(tmp_path: Path
         original(self)
 
     monkeypatch.setattr(SyncObj, "_SyncObj__sendAppendEntries", recording)
-    nodes = cluster(tmp_path, registries, 4, voters="s2 s3 s4")
-    by_id = {n.server_id: n for n in nodes}
+    by_id, old = close_the_leader(cluster(tmp_path, registries, 4, voters="s2 s3 s4"))
     reader = by_id["s1"]
-    old = reader.status().leader
-    assert old is not None
-    by_id[old].close()
     for sid, node in by_id.items():
         if sid != old:
             node.leader_is_gone(old)
