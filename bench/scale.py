@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.approval import login_cycles
+from bench.beat_hub import hub_floor
 from bench.common import LineClient, default_out, finish_report, latency_summary, machine_info, proc_cpu_s
 from cluster.timings import ClusterTimings
 from tests.support import Cluster, wait_until
@@ -241,6 +242,10 @@ def measure_size(size: int, args: argparse.Namespace, full: bool) -> dict[str, A
                 f"{size} servers: idle CPU median {row['idle']['cpu_percent_median']}%, max "
                 f"{row['idle']['cpu_percent_max']}% ({row['idle']['cpu_percent_busiest']})"
             )
+            # The floor of the coordinator's heartbeats at this size, measured right after (bench.beat_hub).
+            interval = ClusterTimings.from_sources({}, args.timing).heartbeat_interval_s
+            row["hub_floor"] = hub_floor(size - 1, interval, args.idle_window)
+            log_step(f"{size} servers: bare heartbeat hub, {size - 1} peers: {row['hub_floor']['hub_cpu_percent']}%")
             if full:
                 lowest = cluster.ids[0]  # lowest priority: never the coordinator, a read-only replica beyond 5
                 row["login"] = login_p50(cluster, lowest, args.logins, f"s{size}")
@@ -292,6 +297,12 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["idle_cpu_percent_median_at_24_met"] = (
             large["idle"]["cpu_percent_median"] <= TARGETS["idle_cpu_percent_per_server_at_24"]
         )
+        # The coordinator does what every member does, and its side of the star on top: on this machine it
+        # cannot go below the member median plus the bare hub of the same run (bench/beat_hub.py).
+        if "hub_floor" in large:
+            floor = large["idle"]["cpu_percent_median"] + large["hub_floor"]["hub_cpu_percent"]
+            out["coordinator_floor_cpu_percent_at_24"] = round(floor, 2)
+            out["coordinator_over_floor_at_24"] = round(large["idle"]["cpu_percent_coordinator"] / floor, 2)
     if "login" in small and "login" in large:
         ratio = large["login"]["p50_ms"] / small["login"]["p50_ms"]
         out["login_p50_ratio"] = round(ratio, 2)
@@ -314,18 +325,20 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "servers  voters  start s  idle cpu% med/max (busiest)  coord cpu%  coord B/s/srv  raft B/s/srv"
-        "  login p50/p99 ms  failover med/max ms"
+        "servers  voters  start s  idle cpu% med/max (busiest)  coord cpu%  bare hub cpu%  coord B/s/srv"
+        "  raft B/s/srv  login p50/p99 ms  failover med/max ms"
     ]
     for r in rows:
         i = r["idle"]
         login = f"{r['login']['p50_ms']:.1f} / {r['login']['p99_ms']:.1f}" if "login" in r else "-"
         f = r.get("failover")
         fo = f"{f['approved']['median_s'] * 1000:.0f} / {f['approved']['max_s'] * 1000:.0f}" if f else "-"
+        hub = r.get("hub_floor", {}).get("hub_cpu_percent", float("nan"))
         lines.append(
             f"{r['servers']:>7}  {len(r['voters']):>6}  {r['startup_s']:>7.1f}  "
             f"{i['cpu_percent_median']:>6.2f} / {i['cpu_percent_max']:>5.2f} ({i['cpu_percent_busiest']:>3})"
-            f"  {i['cpu_percent_coordinator']:>10.2f}  {i['coordination_bytes_per_s_per_server']:>13}"
+            f"  {i['cpu_percent_coordinator']:>10.2f}  {hub:>13.2f}"
+            f"  {i['coordination_bytes_per_s_per_server']:>13}"
             f"  {i['raft_bytes_per_s_per_server']:>12}  {login:>16}  {fo:>19}"
         )
     return "\n".join(lines)

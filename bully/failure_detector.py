@@ -46,6 +46,7 @@ order, so a seeded simulation replays exactly.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -112,6 +113,9 @@ class FailureDetector:
         self._pending: list[PeerEvent] = []
         self._last_activity: float | None = None
         self._earliest: float | None = None  # the earliest suspicion deadline of an up peer
+        # (deadline, peer) of every up peer, plus entries made stale since (their peer's deadline moved or it
+        # went down), which `_top` drops when they come first: `heard` costs O(log n), not a scan.
+        self._deadlines: list[tuple[float, str]] = []
         self.certain_downs = 0
         self.silent_downs = 0
 
@@ -139,7 +143,14 @@ class FailureDetector:
         if peer not in self._up:
             self._up.add(peer)
             self._pending.append(PeerUp(peer, incarnation))
-        self._earliest = self._exact_earliest()
+        # The coordinator hears every member ten times a second, and the member heard is nearly always the
+        # one with the earliest deadline: rescanning every peer then made its cost grow as n*n. Only this
+        # peer's deadline moved, so it goes on the heap; its old entry is dropped once it reaches the top.
+        heapq.heappush(self._deadlines, (self._deadline(peer), peer))
+        if len(self._deadlines) > 2 * len(self._up) + 8:
+            self._rebuild()
+        else:
+            self._earliest = self._top()
 
     def connection_lost(self, peer: str, now: float) -> None:
         """Our connection to `peer` ended (EOF or reset): a refused reconnect now proves it is gone."""
@@ -160,7 +171,7 @@ class FailureDetector:
         self._up.discard(peer)
         self.certain_downs += 1
         self._pending.append(PeerDown(peer, self._incarnation[peer], certain=True))
-        self._earliest = self._exact_earliest()
+        self._earliest = self._top()
 
     def observer_late(self, lag_s: float) -> None:
         """The caller's own timer fired `lag_s` late: credit every up peer's silence with it."""
@@ -168,7 +179,7 @@ class FailureDetector:
             return
         for peer in self._up:
             self._credit[peer] = min(self._credit.get(peer, 0.0) + lag_s, self.suspect_max_s)
-        self._earliest = self._exact_earliest()
+        self._rebuild()
 
     def expect_fast(self, peers: Iterable[str], now: float) -> None:
         """Only `peers` heartbeat us every `heartbeat_interval_s` from now on; the rest every `slow_interval_s`.
@@ -185,7 +196,7 @@ class FailureDetector:
             if peer in fast and peer in self._up:
                 self._since[peer] = now
         self._fast = fast
-        self._earliest = self._exact_earliest()
+        self._rebuild()
 
     def window(self, peer: str) -> float:
         """How long `peer` may be silent before it is declared down (the adaptive suspicion window)."""
@@ -204,12 +215,12 @@ class FailureDetector:
         if self._earliest is None or now < self._earliest:
             return events
         for peer in sorted(self._up):
-            if now >= self._silent_since(peer) + self.window(peer):
+            if now >= self._deadline(peer):
                 self._up.discard(peer)
                 self._lost.discard(peer)
                 self.silent_downs += 1
                 events.append(PeerDown(peer, self._incarnation[peer]))
-        self._earliest = self._exact_earliest()
+        self._earliest = self._top()
         return events
 
     def next_deadline(self) -> float | None:
@@ -242,10 +253,29 @@ class FailureDetector:
         """The last incarnation heard from every peer ever heard."""
         return dict(self._incarnation)
 
+    def _deadline(self, peer: str) -> float:
+        return self._silent_since(peer) + self.window(peer)
+
     def _exact_earliest(self) -> float | None:
+        """The earliest deadline by a scan of every up peer (the reference the heap must agree with)."""
         if not self._up:
             return None
-        return min(self._silent_since(p) + self.window(p) for p in self._up)
+        return min(self._deadline(p) for p in self._up)
+
+    def _rebuild(self) -> None:
+        """Every up peer's deadline moved (or may have): a fresh heap."""
+        self._deadlines = [(self._deadline(p), p) for p in self._up]
+        heapq.heapify(self._deadlines)
+        self._earliest = self._top()
+
+    def _top(self) -> float | None:
+        heap = self._deadlines
+        while heap:
+            deadline, peer = heap[0]
+            if peer in self._up and deadline == self._deadline(peer):
+                return deadline
+            heapq.heappop(heap)
+        return None
 
     def _observe(self, now: float) -> None:
         last = self._last_activity
@@ -255,4 +285,4 @@ class FailureDetector:
                 self._last_heard[peer] = max(self._last_heard[peer], now)
                 self._credit.pop(peer, None)
             if self._up:
-                self._earliest = self._exact_earliest()
+                self._rebuild()

@@ -106,6 +106,7 @@ class ElectionNode:
         # Peers whose last heartbeat said they follow us: they get our heartbeat at the full rate.
         self._followers: set[str] = set()
         self._followed: str | None = None  # the last coordinator our heartbeats named
+        self._beat_to_coordinator_at: float | None = None  # when our last beat to the coordinator went out
 
     # -- observation -------------------------------------------------------------------------------------------
 
@@ -143,6 +144,11 @@ class ElectionNode:
     def peer_incarnations(self) -> dict[str, int]:
         return self.detector.incarnations()
 
+    @property
+    def followers(self) -> set[str]:
+        """This server and the peers it hears whose latest heartbeat names it as their coordinator."""
+        return (self._followers & self.detector.up()) | {self.self_id}
+
     def servers_heard_within(self, now: float, span_s: float) -> set[str]:
         """This server and the peers heard in the last `span_s` seconds."""
         return self.detector.heard_within(now, span_s) | {self.self_id}
@@ -175,6 +181,8 @@ class ElectionNode:
                 self._followers.discard(sender)
         outputs = self._verdicts(now)
         outputs.extend(self.core.receive(sender, message, now))
+        if isinstance(message, Heartbeat) and sender == self.core.coordinator == self._followed != self.self_id:
+            outputs.extend(self._answer_beat(sender, now))  # (a new coordinator gets its beat from _settle)
         return self._settle(outputs, now)
 
     def on_link_event(self, peer: str, event: LinkEvent, now: float) -> list[Output]:
@@ -219,9 +227,38 @@ class ElectionNode:
         if mesh_due:
             self._next_mesh_heartbeat = now + self.timings.mesh_heartbeat_interval_s
         if mesh_due or coordinator is None or coordinator == self.self_id:
+            if coordinator is not None and coordinator != self.self_id:
+                self._beat_to_coordinator_at = now
             return [Broadcast(self._heartbeat())]
         beat = self._heartbeat()
-        return [Send(peer, beat) for peer in sorted(({coordinator} | self._followers) - {self.self_id})]
+        to = set(self._followers)
+        last = self._beat_to_coordinator_at
+        if last is None or now - last >= self.timings.heartbeat_interval_s - TIMER_SLACK_S:
+            to.add(coordinator)  # the coordinator's beats stopped reaching us (or just began): beat it ourselves
+            self._beat_to_coordinator_at = now
+        return [Send(peer, beat) for peer in sorted(to - {self.self_id})]
+
+    def _answer_beat(self, coordinator: str, now: float) -> list[Output]:
+        """A beat from the coordinator we follow is answered at once with ours, instead of on our own tick:
+        the coordinator then hears its n-1 members within a millisecond of its own beat, a handful of loop
+        wake-ups per tick instead of n-1, and each beat carries the TCP acknowledgement of the other, with
+        no bare ACK segment (at 24 servers on one machine these cost the coordinator a third of its idle
+        CPU). Our own tick stops beating the coordinator while its beats keep arriving, and resumes one
+        interval after they stop, so a silent coordinator still hears us at the full rate. At most one
+        answer per half interval: two servers that each take the other for the coordinator cannot bounce
+        beats back and forth."""
+        interval = self.timings.heartbeat_interval_s
+        last = self._beat_to_coordinator_at
+        if last is not None and now - last < interval / 2:
+            return []
+        self._beat_to_coordinator_at = now
+        if not self._followers and self._next_heartbeat is not None:
+            # Nothing else is due on our tick before the next mesh beat: no wake-up for it meanwhile.
+            later = now + interval
+            if self._next_mesh_heartbeat is not None:
+                later = min(later, self._next_mesh_heartbeat)
+            self._next_heartbeat = max(self._next_heartbeat, later)
+        return [Send(coordinator, self._heartbeat())]
 
     def _settle(self, outputs: list[Output], now: float) -> list[Output]:
         """After every input: if this server follows a new coordinator, tell the previous one and the new
@@ -233,6 +270,7 @@ class ElectionNode:
         if coordinator is not None and coordinator != self._followed:
             previous, self._followed = self._followed, coordinator
             beat = self._heartbeat()
+            self._beat_to_coordinator_at = now
             for peer in sorted({p for p in (previous, coordinator) if p is not None and p != self.self_id}):
                 outputs.append(Send(peer, beat))
         self._expect(now)

@@ -115,6 +115,10 @@ class ElectionRuntime:
     def peer_incarnations(self) -> dict[str, int]:
         return self.node.peer_incarnations
 
+    @property
+    def followers(self) -> set[str]:
+        return self.node.followers
+
     def servers_heard_within(self, span_s: float) -> set[str]:
         """This server and the peers heard in the last `span_s` seconds (call on the loop)."""
         now = self._loop.time() if self._loop is not None else 0.0

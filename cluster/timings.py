@@ -122,6 +122,11 @@ class ClusterTimings:
     # A server whose new incarnation is registered but not heard yet (just restarted or fenced, its links
     # connecting) is not declared down before this, counted from when it was first seen registered.
     unheard_grace_s: float = 2.0
+    # A coordinator declares a server down only once a majority (itself included) has followed it without
+    # a break for this long (node/membership.py, rule 3): a member that accepted a coordinator elected by
+    # mistake (cut off alone for a little less than T1) returns to the live one within a round trip. At
+    # least one heartbeat interval, so every follower's next beat, naming whom it follows, is in.
+    follow_confirm_s: float = 0.1
     # One attempt to commit this server's own "server up"/"server down" or a declaration.
     announce_timeout_s: float = 2.0
     # How often each server compares the registry with its live sessions.
@@ -166,6 +171,12 @@ class ClusterTimings:
             "suspect_after_s",
         )
         self._need(self.suspect_gap_factor >= 1, "suspect_gap_factor >= 1", "suspect_gap_factor")
+        self._need(
+            self.follow_confirm_s >= self.heartbeat_interval_s,
+            "follow_confirm_s >= heartbeat_interval_s",
+            "follow_confirm_s",
+            "heartbeat_interval_s",
+        )
         budget = self.answer_timeout_s + self.max_nominees * self.coordinator_timeout_s
         self._need(
             self.nomination_timeout_s > budget,

@@ -538,6 +538,7 @@ class Node:
             self.timings.startup_grace_s,
             redeclare_after_s=self.timings.announce_timeout_s,
             unheard_grace_s=self.timings.unheard_grace_s,
+            follow_confirm_s=self.timings.follow_confirm_s,
         )
         while True:
             # asyncio.timeout, not wait_for: wait_for wraps Event.wait in a new task every tick (ten a second).
@@ -553,6 +554,7 @@ class Node:
                 registered=self.registry.servers_up(),
                 has_quorum=self.registry.has_quorum(),
                 heard_recently=self.election.servers_heard_within(self.timings.suspect_after_s / 2),
+                followers=self.election.followers,
             )
             for decision in policy.decide(view):
                 log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))

@@ -18,6 +18,14 @@ policy declares only when its own view can be trusted:
    failure detector's `alive` lags a cut-off by its whole window, so a coordinator cut off for a little
    less than that window kept a majority "alive" throughout, and declared the majority-side peer whose
    silence happened to reach the window just after the heal (found by the cluster simulation).
+   And only once a majority of the configuration (itself included) has *followed* it (their latest
+   heartbeats name it as coordinator) without a break for `follow_confirm_s`, one heartbeat interval: a
+   server cut off alone for a little less than the failure window declares its coordinator down just as
+   the partition heals, elects itself, and the members that accept it flip back to the live coordinator
+   within a round trip, before their next beat. In that moment the two rules above still held (a member
+   on the mesh schedule shows no break), and the declaration it queued fenced the live coordinator (found
+   by the cluster simulation). A coordinator that has led for a while is followed since long ago and
+   declares at once.
 4. Only while its registry replica has a Raft quorum.
 5. Never itself, never a server it hears.
 6. An incarnation the detector has never heard (a server that has just announced itself, its links still
@@ -57,6 +65,8 @@ class MembershipView:
     has_quorum: bool
     # Servers heard within the last fraction of a failure window, this one included; None: use `alive`.
     heard_recently: Collection[str] | None = None
+    # Servers whose latest heartbeat names this one as their coordinator, this one included; None: `alive`.
+    followers: Collection[str] | None = None
 
 
 class MembershipPolicy:
@@ -68,15 +78,18 @@ class MembershipPolicy:
         grace_s: float,
         redeclare_after_s: float,
         unheard_grace_s: float | None = None,
+        follow_confirm_s: float = 0.0,
     ) -> None:
-        assert cluster_size >= 1 and grace_s >= 0 and redeclare_after_s > 0
+        assert cluster_size >= 1 and grace_s >= 0 and redeclare_after_s > 0 and follow_confirm_s >= 0
         self.self_id = self_id
         self.majority = cluster_size // 2 + 1
         self.started_at = started_at
         self.grace_s = grace_s
         self.redeclare_after_s = redeclare_after_s
         self.unheard_grace_s = grace_s if unheard_grace_s is None else unheard_grace_s
+        self.follow_confirm_s = follow_confirm_s
         self._majority_since: float | None = None
+        self._followed_since: float | None = None  # since when a majority follows this server, unbroken
         self._unheard_since: dict[tuple[str, int], float] = {}
         self._declared_at: dict[tuple[str, int], float] = {}
 
@@ -92,6 +105,11 @@ class MembershipPolicy:
             self._majority_since = None
         elif self._majority_since is None:
             self._majority_since = now
+        followers = view.alive if view.followers is None else view.followers
+        if not view.is_coordinator or len(followers) < self.majority:
+            self._followed_since = None
+        elif self._followed_since is None:
+            self._followed_since = now
         registered = view.registered
         self._unheard_since = {k: t for k, t in self._unheard_since.items() if registered.get(k[0]) == k[1]}
         self._declared_at = {k: t for k, t in self._declared_at.items() if registered.get(k[0]) == k[1]}
@@ -101,6 +119,8 @@ class MembershipPolicy:
         if not view.is_coordinator or now - self.started_at < self.grace_s:
             return []
         if self._majority_since is None or now - self._majority_since < self.grace_s or not view.has_quorum:
+            return []
+        if self._followed_since is None or now - self._followed_since < self.follow_confirm_s:
             return []
         decisions: list[DeclareDown] = []
         for server in sorted(registered):

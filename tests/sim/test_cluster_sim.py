@@ -23,12 +23,12 @@ JOBS = int(os.environ.get("CHATMESH_SIM_JOBS", "2"))
 # Stated bounds: each re-introduced bug is found among the first this many seeds of its scenario
 # (minority-server-down: default seeds from 0, first at seed 1, 6 of the first 10; reconciler-pairing:
 # outage seeds from 1000, first at 1005, 6 of the first 40; reconciler-release-race: outage seeds with 5
-# servers, 10 clients and a 0.1 s reconcile interval from 1000, first at 1060, 2 of the first 150: a rare
+# servers, 10 clients and a 0.1 s reconcile interval from 1000, first at 1133, 2 of the first 400: a rare
 # interleaving, whose seeds move whenever a timing changes every run). docs/simulation.md, "Re-introduced
 # bugs".
 MINORITY_SERVER_DOWN_SEEDS = 10
 PAIRING_SEEDS = 20
-RELEASE_RACE_SEEDS = 70
+RELEASE_RACE_SEEDS = 140
 OUTAGE_FIRST = 1000
 OUTAGE_SEEDS = max(1, SEEDS // 5)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bully.failure_detector import FailureDetector, PeerDown, PeerUp
 
@@ -269,3 +271,43 @@ def test_peers_off_the_full_rate_get_the_mesh_window_and_a_promoted_peer_a_fresh
     d.heard("a", 1, 2.0)
     d.expect_fast(["b"], 2.0)  # b silent for 2 s but only now expected at the full rate
     assert ticks(d, 2.05, 3.0) == [(2.05, PeerUp("a", 1)), (2.75, PeerDown("b", 1))]  # a: now slow
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["heard", "heard", "heard", "lost", "refused", "gone", "late", "fast", "check"]),
+            st.sampled_from(["a", "b", "c", "d"]),
+            st.integers(1, 3),
+            st.sampled_from([0.0, 0.05, 0.1, 0.1, 0.2, 0.3, 1.0]),  # 1 s: a stall of the observer
+        ),
+        max_size=80,
+    ),
+    st.booleans(),
+)
+def test_the_earliest_deadline_kept_per_heartbeat_equals_a_full_scan(
+    ops: list[tuple[str, str, int, float]], star: bool
+) -> None:
+    """`heard` updates the earliest suspicion deadline from the one peer it moved instead of rescanning every
+    peer; whatever happens in between, it must equal the scan (a later one misses a silent peer)."""
+    d = FailureDetector(["a", "b", "c", "d"], 0.1, 0.75, suspect_max_s=3.0, slow_interval_s=1.0 if star else None)
+    now = 0.0
+    for op, peer, incarnation, step in ops:
+        now += step
+        if op == "heard":
+            d.heard(peer, incarnation, now)
+        elif op == "lost":
+            d.connection_lost(peer, now)
+        elif op == "refused":
+            d.reconnect_refused(peer, now)
+        elif op == "gone":
+            d.connection_lost(peer, now)
+            d.reconnect_refused(peer, now)
+        elif op == "late":
+            d.observer_late(step)
+        elif op == "fast":
+            d.expect_fast([peer], now)
+        else:
+            d.check(now)
+        assert d._earliest == d._exact_earliest()

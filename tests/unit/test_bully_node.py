@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from bully.election import ElectionTimings
 from bully.messages import Heartbeat, IamUp
 from bully.node import Broadcast, CoordinatorChanged, ElectionNode, Output, PeerDown, PeerUp, Send
@@ -128,11 +130,47 @@ def test_a_member_beats_only_its_coordinator_and_everyone_once_per_mesh_interval
     targets = []
     for tick in range(1, 26):  # 2.5 s after the first (broadcast) heartbeat
         t = tick * T.heartbeat_interval_s
-        n.receive("s3", Heartbeat("s3", 1, 5, "s3"), t)
-        targets.append(sends(n.on_deadline(t)))
-    assert targets.count(["*"]) == int(2.5 / T.mesh_heartbeat_interval_s)
-    assert all(t in (["*"], ["s3"], []) for t in targets)  # [] : a tick a hair before the beat is due
-    assert targets.count(["s3"]) >= 20
+        targets.append(sends(n.receive("s3", Heartbeat("s3", 1, 5, "s3"), t) + n.on_deadline(t)))
+    assert sum("*" in t for t in targets) == int(2.5 / T.mesh_heartbeat_interval_s)
+    assert all(t in (["*"], ["s3"], ["*", "s3"]) for t in targets)
+    assert all(t.count("s3") == 1 for t in targets)  # every beat of the coordinator answered, once
+
+
+def test_a_member_answers_its_coordinators_beat_at_once_and_beats_it_itself_once_they_stop() -> None:
+    """The coordinator hears its members right after its own beat (a few loop wake-ups per tick, not n-1),
+    and our tick leaves the coordinator out while its beats arrive; once they stop, our tick beats it
+    within one interval, so a silent coordinator is still beaten at the full rate."""
+    n = follower()
+    interval = T.heartbeat_interval_s
+    beat = Heartbeat("s3", 1, 5, "s3")
+    assert sends(n.receive("s3", beat, 0.53)) == ["s3"]
+    assert n.next_deadline() == pytest.approx(0.63)  # no tick of our own before the next answer is due
+    assert sends(n.receive("s3", beat, 0.53 + interval / 4)) == []  # at most one answer per half interval
+    assert sends(n.on_deadline(0.6)) == []  # the coordinator was beaten less than an interval ago
+    assert sends(n.receive("s3", beat, 0.63)) == ["s3"]
+    # The coordinator falls silent: our own tick beats it from one interval after our last answer.
+    ticks = [(t / 100, sends(n.on_deadline(t / 100))) for t in range(64, 100)]
+    beats = [t for t, to in ticks if "s3" in to]
+    assert beats and beats[0] <= 0.63 + interval + 0.011
+    assert all(b - a <= interval + 0.011 for a, b in zip(beats, beats[1:], strict=False))
+
+
+def test_a_member_followed_by_others_keeps_its_own_tick_for_them() -> None:
+    """Answers do not push our tick back while servers follow us: they still get our beat every interval."""
+    n = follower()
+    n.receive("s2", Heartbeat("s2", 1, 5, "s1"), 0.5)  # s2 takes us for its coordinator
+    follower_beats = []
+    for step in range(1, 11):
+        t = 0.5 + step * T.heartbeat_interval_s
+        n.receive("s3", Heartbeat("s3", 1, 5, "s3"), t - 0.001)  # just before each of our ticks
+        follower_beats += [t for to in sends(n.on_deadline(t)) if to in ("s2", "*")]
+    assert len(follower_beats) >= 9  # one tick may fall a float hair before its due time
+
+
+def test_two_servers_that_take_each_other_for_coordinator_do_not_bounce_beats() -> None:
+    n = follower()
+    answers = sum(len(sends(n.receive("s3", Heartbeat("s3", 1, 5, "s3"), 1.0 + i * 0.001))) for i in range(200))
+    assert answers <= 0.2 / (T.heartbeat_interval_s / 2) + 1
 
 
 def test_a_coordinator_beats_everyone_every_interval() -> None:

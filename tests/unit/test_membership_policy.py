@@ -171,3 +171,32 @@ def test_a_short_cut_off_is_a_break_although_the_detector_still_says_alive() -> 
     )  # fmt: skip
     assert p.decide(after) == []
     assert p.decide(view(t + 0.5 + GRACE, silent)) == [DeclareDown("s2", REGISTERED["s2"])]
+
+
+def test_a_coordinator_declares_only_once_a_majority_has_followed_it_for_a_while() -> None:
+    """Rule 3, followers: a server cut off alone for a little less than the failure window elects itself as
+    the partition heals; members accept it for a round trip and return to the live coordinator. What it
+    decided in that moment must not commit: a majority must follow it for `follow_confirm_s` first."""
+    confirm = 0.1
+    p = MembershipPolicy("s1", 5, started_at=0.0, grace_s=GRACE, redeclare_after_s=REDECLARE, follow_confirm_s=confirm)
+    t = GRACE + 1.0
+
+    def at(now: float, followers: set[str], coordinator: bool = True) -> list[DeclareDown]:
+        return p.decide(
+            MembershipView(
+                now=now,
+                is_coordinator=coordinator,
+                alive=ALL - {"s5"},
+                heard=dict(REGISTERED),
+                registered=REGISTERED,
+                has_quorum=True,
+                followers=followers,
+            )  # fmt: skip
+        )
+
+    assert at(0.0, set(ALL), coordinator=False) == []  # settled as a member
+    assert at(t, {"s1", "s2", "s3"}) == []  # just elected: a majority follows, but only since now
+    assert at(t + 0.003, {"s1", "s2"}) == []  # s3 went back to the live coordinator: a break
+    assert at(t + 0.05, {"s1", "s2", "s3"}) == []
+    assert at(t + 0.05 + confirm / 2, {"s1", "s2", "s3"}) == []
+    assert at(t + 0.05 + confirm + 1e-6, {"s1", "s2", "s3"}) == [DeclareDown("s5", REGISTERED["s5"])]
