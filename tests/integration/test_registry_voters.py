@@ -8,13 +8,14 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cluster.config import load_config
 from registry import state as rs
 from registry.client import RegistryUnavailable
-from registry.replicated import ReplicatedRegistry
+from registry.replicated import KEEPALIVE_MESSAGE, ReplicatedRegistry
 from tests.support import port_open, wait_until, write_config
 
 SECRET = "test-secret"
@@ -44,25 +45,30 @@ def cluster(
 
 
 @contextlib.contextmanager
-def read_only_appends(leader: ReplicatedRegistry) -> Iterator[list[float]]:
-    """The times of the append-entries `leader` sends to its read-only nodes while inside."""
-    sync = leader._sync
+def recorded_sends(registry: ReplicatedRegistry) -> Iterator[list[tuple[float, Any, str]]]:
+    """(time, PySyncObj node, message type) of every message `registry` sends while inside."""
+    sync = registry._sync
     assert sync is not None
     transport = sync._SyncObj__transport  # type: ignore[attr-defined]
-    readonly = set(sync.readonlyNodes)
-    sent: list[float] = []
+    sent: list[tuple[float, Any, str]] = []
     original = transport.send
 
-    def counting(node, message):  # PySyncObj's thread
-        if node in readonly and message.get("type") == "append_entries":
-            sent.append(time.monotonic())
+    def recording(node, message):  # PySyncObj's thread
+        sent.append((time.monotonic(), node, message.get("type")))
         return original(node, message)
 
-    transport.send = counting
+    transport.send = recording
     try:
         yield sent
     finally:
         transport.send = original
+
+
+def read_only_appends(leader: ReplicatedRegistry, sends: list[tuple[float, Any, str]]) -> int:
+    """How many of `sends` (from `recorded_sends(leader)`) are append-entries to a read-only node."""
+    assert leader._sync is not None
+    readonly = set(leader._sync.readonlyNodes)
+    return sum(1 for _, node, kind in list(sends) if node in readonly and kind == "append_entries")
 
 
 def close_the_leader(nodes: list[ReplicatedRegistry]) -> tuple[dict[str, ReplicatedRegistry], str]:
@@ -143,11 +149,12 @@ def test_read_only_replicas_get_the_log_at_the_heartbeat_period_not_per_commit(t
             assert (await leader.submit(rs.ServerUp(f"u{i}", "s1", i + 1), 3.0)).ok
         return loop.time() - started
 
-    with read_only_appends(leader) as sent:
+    with recorded_sends(leader) as sends:
         elapsed = asyncio.run(burst())
     periods = elapsed / leader.timings.append_entries_period_s
     # Per commit PySyncObj would send at least two (the entry, then the commit index): 120 or more.
-    assert len(sent) <= periods + 5, (len(sent), periods)
+    sent = read_only_appends(leader, sends)
+    assert sent <= periods + 5, (sent, periods)
     wait_until(lambda: by_id["s1"].applied_commands() == leader.applied_commands(), 5, 0.01, "the reader catches up")
 
 
@@ -161,18 +168,45 @@ def test_an_idle_read_only_replica_gets_a_heartbeat_only_every_read_only_heartbe
     reader = by_id["s1"]
     leader = by_id[reader.status().leader or ""]
     heartbeats = leader.timings.read_only_heartbeat_s
-    with read_only_appends(leader) as sent:
+    with recorded_sends(leader) as sends:
         window = 2.5
         deadline = time.monotonic() + window
         while time.monotonic() < deadline:  # idle: nothing submitted
             time.sleep(0.05)
-        assert len(sent) <= window / heartbeats + 1, (len(sent), window / leader.timings.append_entries_period_s)
-        sent.clear()
+        sent = read_only_appends(leader, sends)
+        assert sent <= window / heartbeats + 1, (sent, window / leader.timings.append_entries_period_s)
+        sends.clear()
         submitted = time.monotonic()
         assert submit(leader, rs.ServerUp("idle-commit", "s1", 7)).ok
         wait_until(lambda: reader.applied_commands() == leader.applied_commands(), 5, 0.005, "the reader has it")
         took = time.monotonic() - submitted
     assert took < heartbeats / 2, took  # the commit went out at the next period, not at the idle heartbeat
+
+
+def test_keep_alives_go_only_where_nothing_else_keeps_a_connection_busy(tmp_path: Path, registries) -> None:
+    """PySyncObj drops a connection silent for its timeout, so followers keep theirs alive; but the leader's
+    append-entries (at least every read-only heartbeat) and the answers to them keep every connection of the
+    leader busy: the leader sends no keep-alive, and no follower sends the leader one. Connections stay up:
+    a commit still reaches every replica after several keep-alive periods."""
+    nodes = cluster(tmp_path, registries, 4, voters="s2 s3 s4")
+    by_id = {n.server_id: n for n in nodes}
+    leader = by_id[by_id["s1"].status().leader or ""]
+    follower = next(n for n in nodes if n.server_id not in ("s1", leader.server_id))
+    assert leader._sync is not None and follower._sync is not None
+    leader_node = follower._sync._getLeader()  # type: ignore[attr-defined]
+    partners = len(follower._sync.otherNodes | follower._sync.readonlyNodes)
+    period = leader.timings.connection_timeout_s / 4  # ReplicatedRegistry's keep-alive period
+    with recorded_sends(leader) as from_leader, recorded_sends(follower) as from_follower:
+        deadline = time.monotonic() + 2.2 * period
+        while time.monotonic() < deadline:  # idle: nothing submitted
+            time.sleep(0.05)
+    keep_alive = KEEPALIVE_MESSAGE
+    assert not [kind for _, _, kind in from_leader if kind == keep_alive]
+    to = [node for _, node, kind in from_follower if kind == keep_alive]
+    assert to and leader_node not in to
+    assert len(to) >= 2 * (partners - 1)  # every other partner, every period
+    assert submit(leader, rs.ServerUp("after-idle", "s1", 9)).ok
+    wait_until(lambda: all(n.applied_commands() == leader.applied_commands() for n in nodes), 5, 0.01, "all have it")
 
 
 def test_a_new_leaders_first_append_entries_go_to_the_voters_only(tmp_path: Path, registries, monkeypatch) -> None:
