@@ -394,8 +394,10 @@ class Node:
 
     def _on_applied_threadsafe(self, command: rs.Command, result: rs.Result) -> None:
         # PySyncObj's thread, for every command the cluster commits. Waking the loop costs a self-pipe
-        # write and a loop turn; only our own requests (in doubt?) and a "server down" naming us matter.
-        if not (self.directory.issued_here(command.request_id) or isinstance(command, rs.ServerDown)):
+        # write, a loop turn and the GIL hand-offs between the two threads, on the client's server while it
+        # serves the next login; only our own requests still running or in doubt, and a "server down"
+        # naming us, matter (issue 14).
+        if not (isinstance(command, rs.ServerDown) or self.directory.commit_may_matter(command.request_id)):
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed during shutdown
             self.loop.call_soon_threadsafe(self._on_applied, command, result)

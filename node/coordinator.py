@@ -153,6 +153,9 @@ class ClusterDirectory:
         self._change: asyncio.Future[None] | None = None
         self.in_doubt: dict[str, rs.Command] = {}
         self.pending: set[str] = set()  # identities and rooms with a request in flight
+        # Request ids of `request()` calls not finished yet. Written on the loop only; PySyncObj's thread
+        # reads membership (`commit_may_matter`), atomic under the GIL.
+        self.unfinished: set[str] = set()
         self.approvals = 0
         self.refusals = 0
         # Changes of this server's coordinator view (to another server or to none) once it knew one.
@@ -166,10 +169,6 @@ class ClusterDirectory:
 
     def next_request_id(self) -> str:
         return f"{self._id_prefix}.{next(self._ids)}"
-
-    def issued_here(self, request_id: str) -> bool:
-        """Whether this directory made `request_id` (any thread: the prefix never changes)."""
-        return request_id.startswith(self._id_prefix + ".")
 
     def coordinator_changed(self, coordinator: str | None) -> None:
         """Called on the loop when the election runtime reports a new coordinator: wakes every waiter."""
@@ -232,31 +231,37 @@ class ClusterDirectory:
             command.request_id, started, deadline_s, t.peer_request_timeout_s, t.retry_pause_s, t.no_coordinator_wait_s
         )
         wire = {"kind": REQUEST_KIND, "command": command_to_wire(command)}
+        self.unfinished.add(command.request_id)
         try:
-            while True:
-                match retry.next(loop.time(), self.election.coordinator):
-                    case Finish(approved, in_doubt):
-                        break
-                    case Wait(timeout_s):
-                        await self._wait_coordinator_change(timeout_s)
-                    case Ask(coordinator, timeout_s):
-                        try:
-                            reply = await self._ask(coordinator, wire, timeout_s)
-                        except Exception as exc:  # RequestFailed, timeouts: the coordinator may be gone
-                            log.debug("request %s to %s failed: %s", command.request_id, coordinator, exc)
-                            retry.failed(loop.time())
-                        else:
-                            retry.answered(loop.time(), reply)
-        except asyncio.CancelledError:
-            if retry.abandoned(loop.time()).in_doubt:
-                self._refused(command, in_doubt=True, why="(abandoned)")
-            raise
-        if approved:
-            self.approvals += 1
-            self.latency.observe(loop.time() - started)
-            return True
-        self._refused(command, in_doubt, why=f"after {deadline_s:.1f}s")
-        return False
+            try:
+                while True:
+                    match retry.next(loop.time(), self.election.coordinator):
+                        case Finish(approved, in_doubt):
+                            break
+                        case Wait(timeout_s):
+                            await self._wait_coordinator_change(timeout_s)
+                        case Ask(coordinator, timeout_s):
+                            try:
+                                reply = await self._ask(coordinator, wire, timeout_s)
+                            except Exception as exc:  # RequestFailed, timeouts: the coordinator may be gone
+                                log.debug("request %s to %s failed: %s", command.request_id, coordinator, exc)
+                                retry.failed(loop.time())
+                            else:
+                                retry.answered(loop.time(), reply)
+            except asyncio.CancelledError:
+                if retry.abandoned(loop.time()).in_doubt:
+                    self._refused(command, in_doubt=True, why="(abandoned)")
+                raise
+            if approved:
+                self.approvals += 1
+                self.latency.observe(loop.time() - started)
+                return True
+            self._refused(command, in_doubt, why=f"after {deadline_s:.1f}s")
+            return False
+        finally:
+            # After `_refused` filed it in `in_doubt` (if it is in doubt): while its commit can matter, the id
+            # is in one of the two.
+            self.unfinished.discard(command.request_id)
 
     def _refused(self, command: rs.Command, in_doubt: bool, why: str) -> None:
         self.refusals += 1
@@ -268,6 +273,12 @@ class ClusterDirectory:
             if len(self.in_doubt) >= MAX_IN_DOUBT:
                 self.in_doubt.pop(next(iter(self.in_doubt)))
             self.in_doubt[command.request_id] = command
+
+    def commit_may_matter(self, request_id: str) -> bool:
+        """Whether a commit of `request_id` seen now may change anything here: only a request of this directory
+        still running or refused in doubt can need its commit undone (`take_in_doubt`). Any thread: two
+        membership tests, atomic under the GIL, of sets the loop alone changes."""
+        return request_id in self.unfinished or request_id in self.in_doubt
 
     def take_in_doubt(self, request_id: str) -> rs.Command | None:
         """The command if `request_id` was refused to the client after timing out (called on apply)."""

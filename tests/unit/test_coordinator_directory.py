@@ -153,6 +153,27 @@ def test_a_request_unanswered_at_its_deadline_is_refused_and_in_doubt() -> None:
     assert d.take_in_doubt("r1") is None
 
 
+def test_a_commit_matters_while_its_request_runs_or_is_in_doubt_only() -> None:
+    # The node wakes its loop for a commit of its own only then (node/app.py `_on_applied_threadsafe`).
+    state = up(rs.RegistryState())
+    link = Link(state, down=set(), silent=frozenset({"s3"}))
+    d = directory(state, Election("s2"), link)
+
+    async def scenario() -> None:
+        assert await d.request(rs.ClaimIdentity("r1", "alice", "s1", 7))
+        assert not d.commit_may_matter("r1")  # approved: nothing left to undo
+        d.election.coordinator = "s3"  # type: ignore[attr-defined]
+        running = asyncio.ensure_future(d.request(rs.ClaimIdentity("r2", "bob", "s1", 7), deadline_s=0.2))
+        await asyncio.sleep(0.02)
+        assert d.commit_may_matter("r2") and not running.done()
+        assert await running is False
+        assert d.commit_may_matter("r2")  # refused in doubt: a late commit must be undone
+        assert d.take_in_doubt("r2") is not None and not d.commit_may_matter("r2")
+
+    asyncio.run(scenario())
+    assert not d.commit_may_matter("never-issued")
+
+
 def test_a_final_refusal_is_not_in_doubt() -> None:
     state = up(rs.RegistryState())
     assert state.apply(rs.ClaimIdentity("x", "alice", "s2", 1)).ok
