@@ -104,7 +104,10 @@ class ElectionNode:
         self._next_heartbeat: float | None = None
         self._next_mesh_heartbeat: float | None = None
         # Peers whose last heartbeat said they follow us: they get our heartbeat at the full rate.
-        self._followers: set[str] = set()
+        # (since when each has, so a new coordinator's membership policy can wait until a majority has
+        # followed it for a moment: node/membership.py).
+        self._followers: dict[str, float] = {}
+        self._coordinating_since: float | None = None
         self._followed: str | None = None  # the last coordinator our heartbeats named
         self._beat_to_coordinator_at: float | None = None  # when our last beat to the coordinator went out
 
@@ -144,10 +147,14 @@ class ElectionNode:
     def peer_incarnations(self) -> dict[str, int]:
         return self.detector.incarnations()
 
-    @property
-    def followers(self) -> set[str]:
-        """This server and the peers it hears whose latest heartbeat names it as their coordinator."""
-        return (self._followers & self.detector.up()) | {self.self_id}
+    def followers(self) -> dict[str, float]:
+        """Since when each server has followed this one without a break: the peers it hears whose heartbeats
+        name it as their coordinator, and this server itself while it coordinates."""
+        up = self.detector.up()
+        since = {peer: t for peer, t in self._followers.items() if peer in up}
+        if self._coordinating_since is not None:
+            since[self.self_id] = self._coordinating_since
+        return since
 
     def servers_heard_within(self, now: float, span_s: float) -> set[str]:
         """This server and the peers heard in the last `span_s` seconds."""
@@ -176,9 +183,9 @@ class ElectionNode:
         if isinstance(message, Heartbeat):
             self.detector.heard(sender, message.incarnation, now)
             if message.coordinator == self.self_id:
-                self._followers.add(sender)
+                self._followers.setdefault(sender, now)
             else:
-                self._followers.discard(sender)
+                self._followers.pop(sender, None)
         outputs = self._verdicts(now)
         outputs.extend(self.core.receive(sender, message, now))
         if isinstance(message, Heartbeat) and sender == self.core.coordinator == self._followed != self.self_id:
@@ -273,6 +280,10 @@ class ElectionNode:
             self._beat_to_coordinator_at = now
             for peer in sorted({p for p in (previous, coordinator) if p is not None and p != self.self_id}):
                 outputs.append(Send(peer, beat))
+        if coordinator != self.self_id:
+            self._coordinating_since = None
+        elif self._coordinating_since is None:
+            self._coordinating_since = now
         self._expect(now)
         return outputs
 

@@ -115,9 +115,9 @@ class ElectionRuntime:
     def peer_incarnations(self) -> dict[str, int]:
         return self.node.peer_incarnations
 
-    @property
-    def followers(self) -> set[str]:
-        return self.node.followers
+    def followers(self) -> dict[str, float]:
+        """Since when each server has followed this one (loop time; call on the loop)."""
+        return self.node.followers()
 
     def servers_heard_within(self, span_s: float) -> set[str]:
         """This server and the peers heard in the last `span_s` seconds (call on the loop)."""

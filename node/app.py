@@ -543,9 +543,13 @@ class Node:
             follow_confirm_s=self.timings.follow_confirm_s,
         )
         while True:
+            wait_s = self.timings.membership_interval_s
+            due = policy.confirmation_due(self.loop.time())
+            if due is not None:
+                wait_s = min(wait_s, due - self.loop.time())
             # asyncio.timeout, not wait_for: wait_for wraps Event.wait in a new task every tick (ten a second).
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.timings.membership_interval_s):
+                async with asyncio.timeout(wait_s):
                     await self._membership_wake.wait()
             self._membership_wake.clear()
             view = MembershipView(
@@ -556,7 +560,7 @@ class Node:
                 registered=self.registry.servers_up(),
                 has_quorum=self.registry.has_quorum(),
                 heard_recently=self.election.servers_heard_within(self.timings.suspect_after_s / 2),
-                followers=self.election.followers,
+                followers=self.election.followers(),
             )
             for decision in policy.decide(view):
                 log.warning("%s: declaring %s down (incarnation %d)", self.server_id, *astuple(decision))

@@ -25,7 +25,8 @@ policy declares only when its own view can be trusted:
    within a round trip, before their next beat. In that moment the two rules above still held (a member
    on the mesh schedule shows no break), and the declaration it queued fenced the live coordinator (found
    by the cluster simulation). A coordinator that has led for a while is followed since long ago and
-   declares at once.
+   declares at once. The time counts from when the majority-th follower began following (the caller
+   tracks since when each has), and `confirmation_due` tells the caller when to decide again.
 4. Only while its registry replica has a Raft quorum.
 5. Never itself, never a server it hears.
 6. An incarnation the detector has never heard (a server that has just announced itself, its links still
@@ -65,8 +66,10 @@ class MembershipView:
     has_quorum: bool
     # Servers heard within the last fraction of a failure window, this one included; None: use `alive`.
     heard_recently: Collection[str] | None = None
-    # Servers whose latest heartbeat names this one as their coordinator, this one included; None: `alive`.
-    followers: Collection[str] | None = None
+    # Since when each server has followed this one without a break (its heartbeats name this one as their
+    # coordinator; this one itself since it coordinates), on the clock of `now`; None: not tracked, every
+    # server alive counts as following since ever.
+    followers: Mapping[str, float] | None = None
 
 
 class MembershipPolicy:
@@ -89,9 +92,16 @@ class MembershipPolicy:
         self.unheard_grace_s = grace_s if unheard_grace_s is None else unheard_grace_s
         self.follow_confirm_s = follow_confirm_s
         self._majority_since: float | None = None
-        self._followed_since: float | None = None  # since when a majority follows this server, unbroken
+        self._confirmed_at: float | None = None  # when the majority following this coordinator is confirmed
         self._unheard_since: dict[tuple[str, int], float] = {}
         self._declared_at: dict[tuple[str, int], float] = {}
+
+    def confirmation_due(self, now: float) -> float | None:
+        """When the majority following this coordinator will have done so for `follow_confirm_s`, if that is
+        still ahead: the caller decides again then rather than at its next tick, so a failover's
+        declarations wait the confirmation and no more."""
+        due = self._confirmed_at
+        return due if due is not None and due > now else None
 
     def declaration_failed(self, decision: DeclareDown) -> None:
         """The registry refused or lost `decision` (e.g. the Raft leader changed): decide it again."""
@@ -105,11 +115,13 @@ class MembershipPolicy:
             self._majority_since = None
         elif self._majority_since is None:
             self._majority_since = now
-        followers = view.alive if view.followers is None else view.followers
-        if not view.is_coordinator or len(followers) < self.majority:
-            self._followed_since = None
-        elif self._followed_since is None:
-            self._followed_since = now
+        self._confirmed_at = None
+        if view.is_coordinator:
+            if view.followers is None:
+                self._confirmed_at = float("-inf") if len(view.alive) >= self.majority else None
+            elif len(view.followers) >= self.majority:
+                # The moment the majority-th follower joined, plus the confirmation.
+                self._confirmed_at = sorted(view.followers.values())[self.majority - 1] + self.follow_confirm_s
         registered = view.registered
         self._unheard_since = {k: t for k, t in self._unheard_since.items() if registered.get(k[0]) == k[1]}
         self._declared_at = {k: t for k, t in self._declared_at.items() if registered.get(k[0]) == k[1]}
@@ -120,7 +132,7 @@ class MembershipPolicy:
             return []
         if self._majority_since is None or now - self._majority_since < self.grace_s or not view.has_quorum:
             return []
-        if self._followed_since is None or now - self._followed_since < self.follow_confirm_s:
+        if self._confirmed_at is None or now < self._confirmed_at:
             return []
         decisions: list[DeclareDown] = []
         for server in sorted(registered):

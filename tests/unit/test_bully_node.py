@@ -188,6 +188,33 @@ def test_a_coordinator_beats_everyone_every_interval() -> None:
         assert sends(n.on_deadline(t)) == ["*"]
 
 
+def test_followers_are_known_with_since_when_they_follow_without_a_break() -> None:
+    """For the membership policy (a new coordinator declares once a majority has followed it a moment):
+    each peer from its first beat naming us, again from scratch after a beat naming someone else; this
+    server itself from when it became coordinator; a peer we no longer hear is not counted."""
+    n = node("s3")
+    n.start(0.0)
+    n.receive("s1", Heartbeat("s1", 0, 5, None), 0.0)
+    n.receive("s2", Heartbeat("s2", 0, 5, None), 0.0)
+    t = 0.0
+    while n.coordinator != "s3":
+        t += T.heartbeat_interval_s
+        n.on_deadline(t)
+        assert t < 5.0
+    became = t
+    assert n.followers() == {"s3": became}
+    n.receive("s1", Heartbeat("s1", n.epoch, 5, "s3"), t + 0.01)
+    n.receive("s2", Heartbeat("s2", n.epoch, 5, "s3"), t + 0.02)
+    n.receive("s1", Heartbeat("s1", n.epoch, 5, "s3"), t + 0.11)  # still following: since unchanged
+    assert n.followers() == {"s3": became, "s1": t + 0.01, "s2": t + 0.02}
+    n.receive("s2", Heartbeat("s2", n.epoch, 5, "s1"), t + 0.12)  # s2 follows someone else now
+    n.receive("s2", Heartbeat("s2", n.epoch, 5, "s3"), t + 0.2)  # and us again: a fresh start
+    assert n.followers()["s2"] == t + 0.2
+    for k in range(1, int(T.suspect_max_s / T.heartbeat_interval_s) + 2):
+        n.on_deadline(t + 0.2 + k * T.heartbeat_interval_s)  # s1 and s2 silent: declared down, not counted
+    assert n.followers() == {"s3": became}
+
+
 def test_a_changed_coordinator_is_told_at_once_and_so_is_the_previous_one() -> None:
     n = follower()
     n.receive("s2", Heartbeat("s2", 1, 6, "s2"), 0.05)  # same epoch, lower priority: not better, ignored

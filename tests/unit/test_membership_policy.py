@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
+import pytest
+
 from node.membership import DeclareDown, MembershipPolicy, MembershipView
 
 GRACE = 5.0
@@ -176,27 +178,41 @@ def test_a_short_cut_off_is_a_break_although_the_detector_still_says_alive() -> 
 def test_a_coordinator_declares_only_once_a_majority_has_followed_it_for_a_while() -> None:
     """Rule 3, followers: a server cut off alone for a little less than the failure window elects itself as
     the partition heals; members accept it for a round trip and return to the live coordinator. What it
-    decided in that moment must not commit: a majority must follow it for `follow_confirm_s` first."""
+    decided in that moment must not commit: a majority must follow it for `follow_confirm_s` first, counted
+    from when the majority-th of them began following, without a break."""
     confirm = 0.1
     p = MembershipPolicy("s1", 5, started_at=0.0, grace_s=GRACE, redeclare_after_s=REDECLARE, follow_confirm_s=confirm)
     t = GRACE + 1.0
 
-    def at(now: float, followers: set[str], coordinator: bool = True) -> list[DeclareDown]:
+    def at(now: float, followers: dict[str, float], coordinator: bool = True) -> list[DeclareDown]:
         return p.decide(
             MembershipView(
-                now=now,
-                is_coordinator=coordinator,
-                alive=ALL - {"s5"},
-                heard=dict(REGISTERED),
-                registered=REGISTERED,
-                has_quorum=True,
-                followers=followers,
+                now=now, is_coordinator=coordinator, alive=ALL - {"s5"}, heard=dict(REGISTERED),
+                registered=REGISTERED, has_quorum=True, followers=followers,
             )  # fmt: skip
         )
 
-    assert at(0.0, set(ALL), coordinator=False) == []  # settled as a member
-    assert at(t, {"s1", "s2", "s3"}) == []  # just elected: a majority follows, but only since now
-    assert at(t + 0.003, {"s1", "s2"}) == []  # s3 went back to the live coordinator: a break
-    assert at(t + 0.05, {"s1", "s2", "s3"}) == []
-    assert at(t + 0.05 + confirm / 2, {"s1", "s2", "s3"}) == []
-    assert at(t + 0.05 + confirm + 1e-6, {"s1", "s2", "s3"}) == [DeclareDown("s5", REGISTERED["s5"])]
+    assert at(0.0, {}, coordinator=False) == []  # settled as a member
+    elected = {"s1": t, "s2": t + 0.001, "s3": t + 0.002}
+    assert at(t + 0.002, elected) == []  # a majority follows, but only since now
+    assert p.confirmation_due(t + 0.002) == pytest.approx(t + 0.002 + confirm)
+    assert at(t + 0.003, {"s1": t, "s2": t + 0.001}) == []  # s3 went back to the live coordinator: a break
+    assert p.confirmation_due(t + 0.003) is None
+    back = {"s1": t, "s2": t + 0.001, "s3": t + 0.05}
+    assert at(t + 0.1, back) == []  # s3 follows again, since t + 0.05
+    assert at(t + 0.05 + confirm + 1e-6, back) == [DeclareDown("s5", REGISTERED["s5"])]
+    assert p.confirmation_due(t + 0.05 + confirm + 1e-6) is None
+
+
+def test_a_coordinator_followed_since_long_ago_declares_at_once() -> None:
+    p = MembershipPolicy("s1", 5, started_at=0.0, grace_s=GRACE, redeclare_after_s=REDECLARE, follow_confirm_s=0.1)
+    followers = {s: 0.0 for s in ALL}
+    t = GRACE + 1.0
+    for now in (0.0, t):
+        decided = p.decide(
+            MembershipView(
+                now=now, is_coordinator=True, alive=ALL - {"s5"} if now else ALL, heard=dict(REGISTERED),
+                registered=REGISTERED, has_quorum=True, followers=followers,
+            )  # fmt: skip
+        )
+    assert decided == [DeclareDown("s5", REGISTERED["s5"])]
