@@ -83,10 +83,12 @@ class ClusterTimings:
     # its fallback. The minimum exceeds two append-entries periods so a winner is heard first.
     raft_election_retry_min_s: float = 0.25
     raft_election_retry_max_s: float = 0.55
-    # A read-only replica that has every entry and the current commit index is sent an (empty) append-entries
-    # only this often: it has no election timer to feed, and keep-alives hold its connection. New entries,
-    # a new commit index or a new term still reach it at the next heartbeat.
-    raft_read_only_heartbeat_s: float = 1.0
+    # A follower (voter or read-only replica) that has every entry and the current commit index is sent an
+    # (empty) append-entries only this often: a read-only replica has no election timer to feed, a voter's
+    # runs for raft_min_timeout_s (more than three of these), and keep-alives hold the connections. New
+    # entries, a new commit index or a new term still reach it at the next heartbeat; commands and commits
+    # reach the voters at once.
+    raft_idle_heartbeat_s: float = 1.0
     # A Raft connection that delivered nothing for this long is dropped (>= raft_max_timeout_s; idle
     # connections carry a keep-alive, see registry/replicated.py).
     raft_connection_timeout_s: float = 5.0
@@ -218,10 +220,16 @@ class ClusterTimings:
             "raft_append_entries_period_s",
         )
         self._need(
-            self.raft_append_entries_period_s <= self.raft_read_only_heartbeat_s < self.raft_connection_timeout_s,
-            "raft_append_entries_period_s <= raft_read_only_heartbeat_s < raft_connection_timeout_s",
+            3 * self.raft_idle_heartbeat_s < self.raft_min_timeout_s,
+            "3 * raft_idle_heartbeat_s < raft_min_timeout_s",
+            "raft_idle_heartbeat_s",
+            "raft_min_timeout_s",
+        )
+        self._need(
+            self.raft_append_entries_period_s <= self.raft_idle_heartbeat_s < self.raft_connection_timeout_s,
+            "raft_append_entries_period_s <= raft_idle_heartbeat_s < raft_connection_timeout_s",
             "raft_append_entries_period_s",
-            "raft_read_only_heartbeat_s",
+            "raft_idle_heartbeat_s",
             "raft_connection_timeout_s",
         )
         self._need(

@@ -79,7 +79,7 @@ def election_timings(t: ClusterTimings) -> ElectionTimings:
 def raft_timings(t: ClusterTimings) -> RaftTimings:
     return RaftTimings(
         append_entries_period_s=t.raft_append_entries_period_s,
-        read_only_heartbeat_s=t.raft_read_only_heartbeat_s,
+        idle_heartbeat_s=t.raft_idle_heartbeat_s,
         raft_min_timeout_s=t.raft_min_timeout_s,
         raft_max_timeout_s=t.raft_max_timeout_s,
         connection_timeout_s=t.raft_connection_timeout_s,

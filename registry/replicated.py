@@ -131,8 +131,8 @@ class RaftTimings:
     append_entries_use_batch: bool = False
     # Leader heartbeat; an election timeout must exceed 3 periods (PySyncObj checks).
     append_entries_period_s: float = _DEFAULTS.raft_append_entries_period_s
-    # A read-only replica with nothing new to receive gets an append-entries only this often.
-    read_only_heartbeat_s: float = _DEFAULTS.raft_read_only_heartbeat_s
+    # A follower (voter or read-only) with nothing new to receive gets an append-entries only this often.
+    idle_heartbeat_s: float = _DEFAULTS.raft_idle_heartbeat_s
     # A follower that hears no leader for a random time in [min, max] starts an election: the fallback, see
     # cluster/timings.py (a leader declared down is replaced at once through `leader_is_gone`).
     raft_min_timeout_s: float = _DEFAULTS.raft_min_timeout_s
@@ -171,8 +171,10 @@ class RaftTimings:
             raise ValueError("need 3 * append_entries_period_s < raft_min_timeout_s < raft_max_timeout_s")
         if self.connection_timeout_s < self.raft_max_timeout_s:
             raise ValueError("connection_timeout_s must be >= raft_max_timeout_s")
-        if not self.append_entries_period_s <= self.read_only_heartbeat_s < self.connection_timeout_s:
-            raise ValueError("need append_entries_period_s <= read_only_heartbeat_s < connection_timeout_s")
+        if not self.append_entries_period_s <= self.idle_heartbeat_s < self.connection_timeout_s:
+            raise ValueError("need append_entries_period_s <= idle_heartbeat_s < connection_timeout_s")
+        if not 3 * self.idle_heartbeat_s < self.raft_min_timeout_s:
+            raise ValueError("need 3 * idle_heartbeat_s < raft_min_timeout_s")
         if not 2 * self.append_entries_period_s < self.election_retry_min_s <= self.election_retry_max_s:
             raise ValueError("need 2 * append_entries_period_s < election_retry_min_s <= election_retry_max_s")
         if self.election_retry_max_s >= self.raft_min_timeout_s:
@@ -303,11 +305,11 @@ class _SyncObj(SyncObj):
     `outlive(thread)`: the tick thread stops once the thread that created the SyncObj ends; tying it to the
     main thread lets a worker thread run the blocking start (journal load, bind retries) off the loop."""
 
-    def __init__(self, *args: Any, read_only_heartbeat_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, idle_heartbeat_s: float, **kwargs: Any) -> None:
         # Set before PySyncObj's constructor starts its tick thread; that thread alone uses them afterwards.
-        self.read_only_heartbeat_s = read_only_heartbeat_s
-        self._read_only_sent: dict[Any, tuple[float, int, int]] = {}  # node -> (when, term, commit index)
-        self._read_only_term = -1  # the term of the last periodic send
+        self.idle_heartbeat_s = idle_heartbeat_s
+        self._periodic_sent: dict[Any, tuple[float, int, int]] = {}  # node -> (when, term, commit index)
+        self._periodic_term = -1  # the term of the last periodic send
         super().__init__(*args, **kwargs)
 
     def elect_now(self) -> None:
@@ -355,47 +357,52 @@ class _SyncObj(SyncObj):
             self._sends_held = True
             return
         send = SyncObj._SyncObj__sendAppendEntries  # type: ignore[attr-defined]
-        readonly = getattr(self, "_SyncObj__readonlyNodes", None)
+        readonly = getattr(self, "_SyncObj__readonlyNodes", None) or set()
+        voters: set[Any] = self._SyncObj__otherNodes  # type: ignore[has-type]
         due = getattr(self, "_SyncObj__newAppendEntriesTime", 0)
-        if not readonly:
-            send(self)
-            return
         periodic = monotonic() > due
-        self._SyncObj__readonlyNodes = readonly - self._idle_read_only_nodes(readonly) if periodic else set()
+        if periodic:
+            idle = self._idle_nodes(readonly, voters)
+            self._SyncObj__readonlyNodes, self._SyncObj__otherNodes = readonly - idle, voters - idle
+        else:
+            self._SyncObj__readonlyNodes = set()
         try:
             send(self)
         finally:
-            self._SyncObj__readonlyNodes = readonly
+            self._SyncObj__readonlyNodes, self._SyncObj__otherNodes = readonly, voters
             if not periodic:
                 # An immediate send must not postpone the read-only nodes' next periodic one.
                 self._SyncObj__newAppendEntriesTime = due
 
 
-    def _idle_read_only_nodes(self, readonly: set[Any]) -> set[Any]:
-        """The read-only nodes a periodic send may skip: each has every entry (its next index is past the
-        log), was last sent the current term and commit index, and less than `read_only_heartbeat_s` ago.
-        An idle leader of 19 read-only nodes otherwise sent 190 encrypted heartbeats a second, each
-        decrypted and answered there, for nothing: read-only nodes have no election timer, and keep-alives
-        hold their connections. Records what the others are about to be sent."""
+    def _idle_nodes(self, readonly: set[Any], voters: set[Any]) -> set[Any]:
+        """The followers a periodic send may skip: each has every entry (its next index is past the log),
+        was last sent the current term and commit index, and less than `idle_heartbeat_s` ago. An idle
+        leader of 19 read-only nodes otherwise sent 190 encrypted heartbeats a second, each decrypted and
+        answered there, for nothing: read-only nodes have no election timer. A voter's election timer runs
+        for `raft_min_timeout_s`, more than three idle heartbeats (a checked relation); each idle voter
+        cost the leader 20 messages a second (docs/registry.md has the figures). Keep-alives hold every
+        connection. Records what the others are about to be sent."""
         now = monotonic()
-        sent = self._read_only_sent
+        sent = self._periodic_sent
         term, commit = self._SyncObj__raftCurrentTerm, self._SyncObj__raftCommitIndex
-        if term != self._read_only_term:
+        connected = self._SyncObj__connectedNodes
+        if term != self._periodic_term:
             # A new leader's first sends: voters only. The no-op entry that makes this leader ready commits
             # on the voters' answers, and 19 read-only nodes' (their decrypts, answers and wake-ups on a
             # shared machine) would compete with them; they get the log one period later.
-            self._read_only_term = term
+            self._periodic_term = term
+            sent.update((node, (now, term, commit)) for node in voters if node in connected)
             return set(readonly)
         last_index = self._SyncObj__getCurrentLogIndex()
         next_index = self._SyncObj__raftNextIndex
-        connected = self._SyncObj__connectedNodes
         idle = set()
-        for node in readonly:
+        for node in readonly | voters:
             last = sent.get(node)
             if (
                 last is not None
                 and last[1:] == (term, commit)
-                and now - last[0] < self.read_only_heartbeat_s
+                and now - last[0] < self.idle_heartbeat_s
                 and next_index.get(node, 0) > last_index
             ):
                 idle.add(node)
@@ -436,7 +443,7 @@ class _SyncObj(SyncObj):
         is how a one-round-trip election became a 0.5-1.5 s one. Call it on PySyncObj's thread."""
         transport = self._SyncObj__transport
         if self._isLeader():
-            # Its append-entries reach every partner at least every `raft_read_only_heartbeat_s`, below the
+            # Its append-entries reach every partner at least every `raft_idle_heartbeat_s`, below the
             # connection timeout (a checked relation), and every answer comes back on the same connection.
             # At 24 servers its keep-alives were 23 encrypted frames out and 23 in every 1.25 s.
             return
@@ -590,7 +597,7 @@ class ReplicatedRegistry:
             self._partners,
             self.sync_conf(),
             consumers=[self._log],
-            read_only_heartbeat_s=self.timings.read_only_heartbeat_s,
+            idle_heartbeat_s=self.timings.idle_heartbeat_s,
         )
         sync.outlive(threading.main_thread())
         sync.store_commit_index_when_changed()

@@ -158,16 +158,14 @@ def test_read_only_replicas_get_the_log_at_the_heartbeat_period_not_per_commit(t
     wait_until(lambda: by_id["s1"].applied_commands() == leader.applied_commands(), 5, 0.01, "the reader catches up")
 
 
-def test_an_idle_read_only_replica_gets_a_heartbeat_only_every_read_only_heartbeat(
-    tmp_path: Path, registries
-) -> None:
+def test_an_idle_read_only_replica_gets_a_heartbeat_only_every_idle_heartbeat(tmp_path: Path, registries) -> None:
     """A read-only replica with every entry needs no heartbeat at the leader's period (it has no election
     timer); a new commit still reaches it at the next one."""
     nodes = cluster(tmp_path, registries, 4, voters="s2 s3 s4")
     by_id = {n.server_id: n for n in nodes}
     reader = by_id["s1"]
     leader = by_id[reader.status().leader or ""]
-    heartbeats = leader.timings.read_only_heartbeat_s
+    heartbeats = leader.timings.idle_heartbeat_s
     with recorded_sends(leader) as sends:
         window = 2.5
         deadline = time.monotonic() + window
@@ -181,6 +179,31 @@ def test_an_idle_read_only_replica_gets_a_heartbeat_only_every_read_only_heartbe
         wait_until(lambda: reader.applied_commands() == leader.applied_commands(), 5, 0.005, "the reader has it")
         took = time.monotonic() - submitted
     assert took < heartbeats / 2, took  # the commit went out at the next period, not at the idle heartbeat
+
+
+def test_idle_voters_get_a_heartbeat_only_every_idle_heartbeat_and_elect_nobody(tmp_path: Path, registries) -> None:
+    """A voter with every entry gets the leader's heartbeat once per `idle_heartbeat_s`, not every period: its
+    election timer runs for `raft_min_timeout_s`, more than three of them. Idle for longer than that timeout,
+    nobody starts an election, and a commit afterwards still reaches every voter at once."""
+    nodes = cluster(tmp_path, registries, 3)
+    by_id = {n.server_id: n for n in nodes}
+    leader = by_id[by_id["s1"].status().leader or ""]
+    assert leader._sync is not None
+    voters = set(leader._sync.otherNodes)
+    term = leader.status().term
+    window = leader.timings.raft_min_timeout_s + 0.5
+    with recorded_sends(leader) as sends:
+        deadline = time.monotonic() + window
+        while time.monotonic() < deadline:  # idle: nothing submitted
+            time.sleep(0.05)
+    per_voter = [sum(1 for _, n, kind in sends if n is node and kind == "append_entries") for node in voters]
+    assert max(per_voter) <= window / leader.timings.idle_heartbeat_s + 2, per_voter  # not one a period: 40
+    assert min(per_voter) >= window / leader.timings.idle_heartbeat_s - 2, per_voter  # but a heartbeat still
+    assert all(n.status().term == term for n in nodes), [n.status().term for n in nodes]
+    submitted = time.monotonic()
+    assert submit(leader, rs.ServerUp("after-idle", "s1", 9)).ok
+    took = time.monotonic() - submitted
+    assert took < leader.timings.append_entries_period_s, took  # committed on the voters' immediate answers
 
 
 def test_keep_alives_go_only_where_nothing_else_keeps_a_connection_busy(tmp_path: Path, registries) -> None:
