@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -32,7 +31,9 @@ import time
 from typing import Any
 
 from bench.common import proc_cpu_s
+from tests.support import free_ports, port_open, wait_until
 
+HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
 WARM_UP_S = 1.0
 # A heartbeat frame as the coordination channel carries it: {"a": <64 hex digits>, "p": <payload text>}.
@@ -88,7 +89,7 @@ async def run_hub(port: int, interval_s: float) -> None:
         return peer
 
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(accept, "127.0.0.1", port)
+    server = await loop.create_server(accept, HOST, port)
 
     def beat() -> None:
         for peer in peers:
@@ -125,38 +126,21 @@ class _Peer(_Lines):
 async def run_peers(port: int, count: int, interval_s: float, own_ticks: bool) -> None:
     loop = asyncio.get_running_loop()
     for _ in range(count):
-        await loop.create_connection(lambda: _Peer(interval_s, own_ticks), "127.0.0.1", port)
+        await loop.create_connection(lambda: _Peer(interval_s, own_ticks), HOST, port)
     print("connected", flush=True)  # hub_floor waits for this line
     await asyncio.Event().wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the hub exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"the hub did not listen on {port} within {START_TIMEOUT_S}s")
 
 
 def hub_floor(peers: int, interval_s: float, window_s: float, own_ticks: bool = False) -> dict[str, Any]:
     """Start a bare hub and `peers` peers, let them settle for two intervals' worth of beats, and measure the
     hub's CPU over `window_s`: a share of one core, in percent."""
-    port = _free_port()
+    (port,) = free_ports(1)
     base = [sys.executable, "-m", "bench.beat_hub", "--port", str(port), "--interval", str(interval_s)]
     hub = subprocess.Popen([*base, "--serve-hub"])
     crowd: subprocess.Popen[bytes] | None = None
     try:
         # The hub's first connection is this readiness probe: it gets beats too, and closes at once.
-        _wait_listening(port, hub)
+        wait_until(lambda: port_open(HOST, port), START_TIMEOUT_S, 0.05, f"the bare hub listening on {port}")
         crowd = subprocess.Popen(
             [*base, "--serve-peers", str(peers), *(["--own-ticks"] if own_ticks else [])], stdout=subprocess.PIPE
         )

@@ -256,12 +256,6 @@ class FailureDetector:
     def _deadline(self, peer: str) -> float:
         return self._silent_since(peer) + self.window(peer)
 
-    def _exact_earliest(self) -> float | None:
-        """The earliest deadline by a scan of every up peer (the reference the heap must agree with)."""
-        if not self._up:
-            return None
-        return min(self._deadline(p) for p in self._up)
-
     def _rebuild(self) -> None:
         """Every up peer's deadline moved (or may have): a fresh heap."""
         self._deadlines = [(self._deadline(p), p) for p in self._up]
