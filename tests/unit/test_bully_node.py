@@ -173,7 +173,8 @@ def test_two_servers_that_take_each_other_for_coordinator_do_not_bounce_beats() 
     assert answers <= 0.2 / (T.heartbeat_interval_s / 2) + 1
 
 
-def test_a_coordinator_beats_everyone_every_interval() -> None:
+def elected() -> tuple[ElectionNode, float]:
+    """s3, the top of {s1, s2, s3}, started and ticked until it coordinates; and when that was."""
     n = node("s3")
     n.start(0.0)
     n.receive("s1", Heartbeat("s1", 0, 5, None), 0.0)
@@ -183,6 +184,11 @@ def test_a_coordinator_beats_everyone_every_interval() -> None:
         t += T.heartbeat_interval_s
         n.on_deadline(t)
         assert t < 5.0
+    return n, t
+
+
+def test_a_coordinator_beats_everyone_every_interval() -> None:
+    n, t = elected()
     for _ in range(12):
         t += T.heartbeat_interval_s
         assert sends(n.on_deadline(t)) == ["*"]
@@ -192,15 +198,7 @@ def test_followers_are_known_with_since_when_they_follow_without_a_break() -> No
     """For the membership policy (a new coordinator declares once a majority has followed it a moment):
     each peer from its first beat naming us, again from scratch after a beat naming someone else; this
     server itself from when it became coordinator; a peer we no longer hear is not counted."""
-    n = node("s3")
-    n.start(0.0)
-    n.receive("s1", Heartbeat("s1", 0, 5, None), 0.0)
-    n.receive("s2", Heartbeat("s2", 0, 5, None), 0.0)
-    t = 0.0
-    while n.coordinator != "s3":
-        t += T.heartbeat_interval_s
-        n.on_deadline(t)
-        assert t < 5.0
+    n, t = elected()
     became = t
     assert n.followers() == {"s3": became}
     n.receive("s1", Heartbeat("s1", n.epoch, 5, "s3"), t + 0.01)
