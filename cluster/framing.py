@@ -96,8 +96,9 @@ _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 # once per chat line. Built once here with the very arguments JSONEncoder.iterencode passes (no circular
 # check: our messages are trees), it writes the same bytes.
 _MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)  # None without CPython's _json accelerator
+_ESCAPE = json.encoder.encode_basestring_ascii
 _C_ENCODE = (
-    _MAKE_ENCODER(None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+    _MAKE_ENCODER(None, _ENCODER.default, _ESCAPE, None, ":", ",", False, False, True)
     if _MAKE_ENCODER is not None
     else None
 )
@@ -105,6 +106,13 @@ _C_ENCODE = (
 
 def encode(message: dict[str, Any]) -> bytes:
     """One ASCII-only JSON line (the Java client reads with the platform charset after a server change)."""
+    if len(message) == 3 and message.get("type") == "message":
+        # A chat line, encoded once per message a room relays: two C string escapes instead of the dict
+        # walk (1.1 us -> 0.45 us, issue 14). The same bytes as below for protocol.message()'s dicts; a dict
+        # with these keys in another order gets the same JSON object, keys in the protocol's order.
+        identity, content = message.get("identity"), message.get("content")
+        if type(identity) is str and type(content) is str:
+            return f'{{"type":"message","identity":{_ESCAPE(identity)},"content":{_ESCAPE(content)}}}\n'.encode("ascii")
     if _C_ENCODE is None:
         return _ENCODER.encode(message).encode("ascii") + b"\n"
     return "".join(_C_ENCODE(message, 0)).encode("ascii") + b"\n"

@@ -83,10 +83,11 @@ class Deliver:
     message: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Multicast:
     """Write `message` to each of `conns` except `exclude`, in that order. One effect per broadcast (not one
-    per receiver) so the shell encodes the line once."""
+    per receiver) so the shell encodes the line once. Not frozen, unlike the other effects: one is built
+    per chat line, and a frozen __init__ costs 0.5 us against 0.2 (issue 14). Nothing mutates it."""
 
     conns: tuple[ConnId, ...]
     message: dict[str, Any]
@@ -201,6 +202,9 @@ class _State(Enum):
     NEW = "new"
     ACTIVE = "active"
     ROUTED = "routed"
+
+
+_ACTIVE = _State.ACTIVE  # for the per-line dispatch: a global, not an Enum member lookup (0.14 us on 3.11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,7 +490,7 @@ class ChatCore:
     # -- dispatch ------------------------------------------------------------------------------------
 
     def _handle(self, s: _Session, item: _Item, out: list[Effect]) -> None:
-        if s.state is _State.ACTIVE:
+        if s.state is _ACTIVE:
             self._handle_active(s, item, out)
         elif s.state is _State.NEW:
             match item:
@@ -508,13 +512,15 @@ class ChatCore:
     def _handle_active(self, s: _Session, item: _Item, out: list[Effect]) -> None:
         identity, room = s.identity, s.room
         assert identity is not None and room is not None
+        if isinstance(item, wire.Message):
+            # Before the match: nearly every line is chat, and a class pattern costs 0.3 us (issue 14).
+            self.messages_relayed += 1
+            receivers = len(room.conns) - 1
+            if receivers > 0:
+                self.deliveries += receivers
+                out.append(Multicast(room.conns, wire.message(identity, item.content), s.conn))
+            return
         match item:
-            case wire.Message(content):
-                self.messages_relayed += 1
-                receivers = len(room.conns) - 1
-                if receivers > 0:
-                    self.deliveries += receivers
-                    out.append(Multicast(room.conns, wire.message(identity, content), s.conn))
             case wire.List():
                 out.append(Deliver(s.conn, wire.roomlist(self._room_list())))
             case wire.Who():

@@ -64,7 +64,10 @@ class DeleteRoomMessage:
     roomid: str
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, as every other message is: a frozen dataclass's __init__ sets each field through
+# object.__setattr__, twice the cost, and this one is built for every chat line (issue 14). Nothing
+# mutates it; the chat core only reads `content`.
+@dataclass(slots=True)
 class Message:
     content: str
 

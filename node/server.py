@@ -59,7 +59,7 @@ from node.chat import (
     RoomSnapshot,
 )
 from node.directory import Directory
-from node.limits import Limits, RateLimiter, Verdict
+from node.limits import ALLOW, Limits, RateLimiter, Verdict
 from node.stall import StallGuard
 
 log = logging.getLogger("chatmesh.server")
@@ -480,7 +480,7 @@ class ChatServer:
         now = loop.time()
         for line in lines:
             verdict = conn.limiter.check(now)
-            if verdict is Verdict.ALLOW:
+            if verdict is ALLOW:
                 self._apply(core.receive(cid, line))
             elif verdict is Verdict.EXCESS:
                 self._violation(conn, "rate", "line rate limit exceeded")
@@ -541,8 +541,10 @@ class ChatServer:
             # Re-entered from a drop below: effects are already ordered after the current batch.
             self._apply_batch(effects)
             return
-        if not all(type(e) is Multicast and e.message.get("type") == "message" for e in effects):
-            self.generation += 1  # anything but chat may have changed sessions or rooms
+        for e in effects:  # a loop, not all(): this runs for every chat line
+            if type(e) is not Multicast or e.message.get("type") != "message":
+                self.generation += 1  # anything but chat may have changed sessions or rooms
+                break
         self._applying = True
         try:
             self._apply_batch(effects)

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cluster.framing import FrameError, LineDecoder, LineTooLong, decode_object, encode
+from node import protocol as wire
 
 
 def test_lines_split_across_chunks_are_reassembled() -> None:
@@ -101,6 +102,25 @@ _json_values = st.recursive(
 def test_encode_writes_what_json_dumps_writes(message: dict) -> None:
     expected = json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
     assert encode(message) == expected
+
+
+@given(st.text(), st.text())
+def test_a_chat_line_encodes_as_json_dumps_writes_it(identity: str, content: str) -> None:
+    """The chat-line path of encode (the line every room relays) writes the general path's bytes."""
+    message = wire.message(identity, content)
+    expected = json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
+    assert encode(message) == expected
+
+
+@given(st.permutations(["type", "identity", "content"]), _json_values, _json_values)
+def test_a_message_in_any_key_order_or_with_any_values_encodes_to_the_same_object(
+    keys: list[str], identity: object, content: object
+) -> None:
+    values = {"type": "message", "identity": identity, "content": content}
+    message = {key: values[key] for key in keys}
+    data = encode(message)
+    assert data.endswith(b"\n") and data.count(b"\n") == 1 and data.isascii()
+    assert json.loads(data) == message
 
 
 @given(st.dictionaries(st.text(max_size=10), _json_values, max_size=6), st.sampled_from(["", " ", "\t", "x", "}", ","]),
