@@ -133,7 +133,7 @@ def new_incarnation() -> int:
 class Node:
     """One server. `registry` and `transport` default to the real ones (PySyncObj, TCP); a simulation passes
     its own, and `listen=False` keeps the client and admin ports unbound (its clients are handed to
-    `chat.serve_stream` directly). `rng` drives the election's timer jitter (seeded in a simulation)."""
+    `chat.client_protocol()` directly). `rng` drives the election's timer jitter (seeded in a simulation)."""
 
     def __init__(
         self,

@@ -2,10 +2,12 @@
 
 Theory of operation
 -------------------
-One reader task per connection reads chunks, splits lines (`LineDecoder`, bounded), applies the rate
-limit and hands each line to the core; the core's effects are applied at once. Nothing here awaits a
-client: output goes to a per-connection buffer, and one callback per loop turn writes each connection's
-buffer to its transport in a single write (a broadcast is encoded once for all its receivers). A client
+Each TCP connection's `ClientProtocol` hands every read to the server in the callback that read it (a
+WebSocket connection's reader task does the same with its frames' lines): split into lines
+(`LineDecoder`, bounded), rate-limited, each line given to the core, the core's effects applied at once.
+Nothing here awaits a client: output goes to a per-connection buffer, and one flush writes each
+connection's buffer to its transport in a single write (a broadcast is encoded once for all its
+receivers; broadcasts that follow a flush closely wait `broadcast_coalesce_s` for more). A client
 whose unsent output (our buffer plus the transport's) exceeds `max_pending_output_bytes` is aborted and
 dropped as an abrupt quit, so a slow reader can neither stall its room nor grow memory.
 
@@ -14,7 +16,7 @@ under a timeout and feed the answer back to the core; registry releases run the 
 this server starts is in a set it cancels and awaits on close: nothing is fire-and-forget.
 
 A connection lives in `_conns` from accept until the core emits `Close` for it (or the server closes);
-that can be after its reader task ended (the peer closed while a request was in flight). Connections
+that can be after its input ended (the peer closed while a request was in flight). Connections
 are counted per address and in total from accept to close.
 
 Threads: everything runs on the loop, and nothing here is read from another thread: the admin thread
@@ -66,7 +68,7 @@ log = logging.getLogger("chatmesh.server")
 
 # Upper bound on one Directory call; it promises to return within a few seconds, this is the backstop.
 DIRECTORY_TIMEOUT_S = 8.0
-# Bytes asked of the socket per read.
+# Bytes asked of the socket per read (WebSocket connections; asyncio reads TCP clients' sockets).
 READ_CHUNK_BYTES = 64 * 1024
 # How long a graceful shutdown waits for registry releases to finish.
 RELEASE_WAIT_S = 4.0
@@ -131,6 +133,41 @@ class _Conn:
         self.logged: set[str] | None = None
 
 
+class ClientProtocol(asyncio.Protocol):
+    """A TCP client's reading shell: each read's bytes go straight to the server's per-read work
+    (`ChatServer._received`), in the callback that read them. No stream and no task per connection: a
+    line is served in the loop turn its bytes arrive in, where a StreamReader would wake a task one turn
+    later, and the accept runs in `connection_made`, one turn before a start_server task would start."""
+
+    __slots__ = ("server", "transport", "conn", "decoder", "held", "ended")
+
+    def __init__(self, server: ChatServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.conn: _Conn | None = None  # None until accepted, and when refused
+        self.decoder = LineDecoder(server.limits.max_line_bytes)
+        # Reads that arrived while this server was stalled, served in order once it knows it is still live;
+        # None while not held. Reading is paused meanwhile, so this holds at most one read and the end.
+        self.held: list[tuple[list[bytes] | None, str | None]] | None = None
+        self.ended = False  # the connection is over for the core: nothing more is read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.server._connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.server._received(self, data)
+
+    def eof_received(self) -> bool:
+        self.server._received(self, b"")
+        # Keep the transport open for what the core still writes (a quit's roomchange); the core closes it.
+        # asyncio ignores (and warns about) True on a TLS transport, which closes itself at EOF.
+        return self.server.tls is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._lost(self)
+
+
 class ChatServer:
     def __init__(
         self,
@@ -172,6 +209,9 @@ class ChatServer:
         # Reader task -> its transport, so close() can abort a transport whose graceful close is stuck
         # behind a peer that never reads.
         self._readers: dict[asyncio.Task[None], asyncio.WriteTransport] = {}
+        # TCP clients' protocols until their transports are lost, so close() can abort those whose graceful
+        # close is stuck behind a peer that never reads.
+        self._protocols: set[ClientProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._releasing: dict[Identity, asyncio.Task[None]] = {}
         self._reject_logged: dict[str, float] = {}
@@ -188,20 +228,17 @@ class ChatServer:
 
     async def start(self) -> None:
         self.open()
-        self._server = await asyncio.start_server(self._serve_client, self.host, self.port, ssl=self.tls)
+        assert self._loop is not None
+        self._server = await self._loop.create_server(self.client_protocol, self.host, self.port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("%s: accepting clients on %s:%d", self.server_id, self.host, self.port)
 
     def open(self) -> None:
         """Accept connections, on the running loop, without binding a port: `start` binds one; a simulation
-        hands its in-memory connections to `serve_stream`."""
+        connects its in-memory connections to `client_protocol()`s."""
         self._loop = asyncio.get_running_loop()
         self._max_clients = self._clamp_max_clients(self.limits.max_clients)
         self._accepting = True
-
-    async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one client connection until it ends (run it as its own task)."""
-        await self._serve_client(reader, writer)
 
     @staticmethod
     def _clamp_max_clients(wanted: int) -> int:
@@ -243,7 +280,7 @@ class ChatServer:
         # makes asyncio 3.11 log the CancelledError as an error, so that is only for stragglers.
         if self._readers:
             await asyncio.wait(list(self._readers), timeout=READER_EXIT_WAIT_S)
-        for transport in self._readers.values():
+        for transport in [*self._readers.values(), *(p.transport for p in self._protocols if p.transport)]:
             transport.abort()
         if self._readers:
             await asyncio.wait(list(self._readers), timeout=READER_EXIT_WAIT_S)
@@ -360,16 +397,11 @@ class ChatServer:
 
     # -- connections ---------------------------------------------------------------------------------------
 
-    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self.serve_connection(write_transport(writer), writer.get_extra_info("peername"), reader)
-
-    async def serve_connection(
-        self, transport: asyncio.WriteTransport, peer: object, source: asyncio.StreamReader | LineSource
-    ) -> None:
+    async def serve_connection(self, transport: asyncio.WriteTransport, peer: object, source: LineSource) -> None:
         """Serve one client whose input arrives through `source` and whose output goes to `transport` (one
-        JSON line per write call's line): the TCP listener's connections (a StreamReader of newline-delimited
-        lines) and the WebSocket adapter's (node/websocket.py, a LineSource) alike, so both kinds share
-        sessions, rooms, limits and the core."""
+        JSON line per write call's line): the WebSocket adapter's connections (node/websocket.py). They
+        share sessions, rooms, limits and the per-read work (`_accept`, `_serve_lines`) with the TCP
+        listener's (`ClientProtocol`)."""
         task = asyncio.current_task()
         assert task is not None
         self._readers[task] = transport  # tracked so close() can end it; start_server does not
@@ -378,10 +410,7 @@ class ChatServer:
             conn = self._accept(transport, peer)
             if conn is None:
                 return
-            if isinstance(source, asyncio.StreamReader):
-                await self._read_stream(conn, source)
-            else:
-                await self._read_loop(conn, source)
+            await self._read_loop(conn, source)
         except asyncio.CancelledError:
             # Only close() cancels readers; end quietly, since asyncio 3.11's start_server callback would
             # otherwise log the cancellation as an unhandled error. Nothing awaits this task's result.
@@ -393,6 +422,72 @@ class ChatServer:
                 self._apply(self.core.drop(conn.cid, "internal error"))
         finally:
             del self._readers[task]
+
+    def client_protocol(self) -> ClientProtocol:
+        """The protocol of one TCP client connection (`loop.create_server`'s factory; a simulation makes
+        one per in-memory connection and calls it as asyncio would)."""
+        return ClientProtocol(self)
+
+    def _connected(self, reader: ClientProtocol) -> None:
+        transport = reader.transport
+        assert transport is not None
+        self._protocols.add(reader)
+        try:
+            reader.conn = self._accept(cast(asyncio.WriteTransport, transport), transport.get_extra_info("peername"))
+        except Exception:
+            log.exception("%s: error accepting a client", self.server_id)
+            transport.abort()
+        reader.ended = reader.conn is None
+
+    def _received(self, reader: ClientProtocol, data: bytes) -> None:
+        """One read of a TCP client (b"": end of stream or reset), served at once unless this server stalled."""
+        if reader.ended:
+            return
+        too_long = None
+        try:
+            lines = reader.decoder.feed(data) if data else None
+        except LineTooLong as exc:
+            lines, too_long = exc.lines, f"line longer than {self.limits.max_line_bytes} bytes"
+        if reader.held is not None:
+            reader.held.append((lines, too_long))  # behind the reads held already (an end, when paused)
+            return
+        assert self._loop is not None
+        guard = self.stall_guard
+        if guard is not None and not guard.check(self._loop.time()):
+            # This server stalled: input waits until it knows it is still live (_stall_wait's rule).
+            reader.held = [(lines, too_long)]
+            if lines is not None and reader.transport is not None:
+                reader.transport.pause_reading()
+            self._spawn(self._serve_held(reader, guard))
+            return
+        self._serve_read(reader, lines, too_long)
+
+    def _serve_read(self, reader: ClientProtocol, lines: list[bytes] | None, too_long: str | None) -> None:
+        conn = reader.conn
+        assert conn is not None
+        try:
+            if not self._serve_lines(conn, lines, too_long):
+                reader.ended = True
+        except Exception:
+            # A bug in our code must end this connection, never the server.
+            log.exception("%s: error serving a client", self.server_id)
+            reader.ended = True
+            if self._conns.get(conn.cid) is conn:
+                self._apply(self.core.drop(conn.cid, "internal error"))
+
+    async def _serve_held(self, reader: ClientProtocol, guard: StallGuard) -> None:
+        await guard.wait_open()
+        held, reader.held = reader.held or [], None
+        for lines, too_long in held:
+            if reader.ended:
+                return
+            self._serve_read(reader, lines, too_long)
+        if not reader.ended and reader.transport is not None and not reader.transport.is_closing():
+            reader.transport.resume_reading()
+
+    def _lost(self, reader: ClientProtocol) -> None:
+        self._protocols.discard(reader)
+        self._received(reader, b"")  # a reset without EOF first ends the session as an abrupt quit
 
     def _accept(self, transport: asyncio.WriteTransport, peer: object) -> _Conn | None:
         ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
@@ -431,24 +526,6 @@ class ChatServer:
             self._reject_logged.clear()
         self._reject_logged[ip] = now
         log.warning("%s: refused connection from %s: %s", self.server_id, address, reason)
-
-    async def _read_stream(self, conn: _Conn, reader: asyncio.StreamReader) -> None:
-        """A TCP client's lines, read here rather than through a LineSource: an idle connection then holds
-        no closure and no suspended coroutine besides this one (10,000 idle clients, issue 14)."""
-        decoder = LineDecoder(self.limits.max_line_bytes)
-        while True:
-            try:
-                data = await reader.read(READ_CHUNK_BYTES)
-            except (ConnectionError, OSError):
-                data = b""
-            too_long = None
-            try:
-                lines = decoder.feed(data) if data else None
-            except LineTooLong as exc:
-                lines, too_long = exc.lines, f"line longer than {self.limits.max_line_bytes} bytes"
-            await self._stall_wait()
-            if not self._serve_lines(conn, lines, too_long):
-                return
 
     async def _read_loop(self, conn: _Conn, source: LineSource) -> None:
         while True:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -19,6 +20,7 @@ from cluster.names import Identity, RoomId, ServerId
 from node.directory import Address, RoomInfo
 from node.limits import Limits
 from node.server import ChatServer
+from node.stall import StallGuard
 
 MAIN = "MainHall-s1"
 pytestmark = pytest.mark.timeout(60)
@@ -375,6 +377,52 @@ def test_line_too_long_disconnects_as_an_abrupt_quit_and_is_logged(caplog: pytes
 
 
 # -- limits ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+def test_input_read_while_the_server_stalled_waits_for_the_guard_and_keeps_its_order(ending: str) -> None:
+    """A TCP client's reads after a stall are held, with reading paused, until the stall guard reopens
+    (the server then knows it is still live); then every line and the end (a close, or a reset that
+    arrives while held) are served in order."""
+
+    async def scenario() -> None:
+        guard = StallGuard(threshold_s=0.05, on_stall=lambda gap: None)
+        async with serving(stall_guard=guard) as (server, _):
+            loop = asyncio.get_running_loop()
+            a = await Client.connect(server.port)
+            await a.login("Alice")
+            b = await Client.connect(server.port)
+            await b.login("Bob")
+            assert await a.recv() == rc("Bob", "", MAIN)
+            guard.last_tick = loop.time() - 1.0  # the watchdog last ran a second ago: the next read sees a stall
+            await a.send({"type": "message", "content": "one"})
+            await a.send({"type": "message", "content": "two"})
+            if ending == "close":
+                a.close()
+            await b.expect_nothing(0.3)
+            assert not guard.is_open
+            held = [p for p in server._protocols if p.held is not None]
+            assert len(held) == 1 and held[0].transport is not None and not held[0].transport.is_reading()
+            if ending == "reset":
+                sock = a.writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                a.writer.transport.abort()  # an RST, which a paused transport notices at its next write
+                transport = held[0].transport
+
+                def lost() -> bool:
+                    if not transport.is_closing():
+                        transport.write(b"\n")  # as a reply or a broadcast to Alice would
+                    return held[0].held is not None and held[0].held[-1] == (None, None)
+
+                await eventually(lost)
+            guard.last_tick = None  # no watchdog in this test: no further stall is seen
+            guard.reopen()
+            assert await b.recv() == {"type": "message", "identity": "Alice", "content": "one"}
+            assert await b.recv() == {"type": "message", "identity": "Alice", "content": "two"}
+            assert await b.recv() == rc("Alice", MAIN, "")
+            await eventually(lambda: server.client_count == 1)
+
+    run(scenario)
 
 
 def test_slow_reader_is_disconnected_without_stalling_the_room() -> None:

@@ -33,13 +33,16 @@ NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 ROOMS = ["lobby", "garden", "cellar", "attic"]
 
 
-class ClientTransport(asyncio.WriteTransport):
-    """The server's end of an in-memory client connection: writes go to the simulated client."""
+class ClientTransport(asyncio.Transport):
+    """The server's end of an in-memory client connection: writes go to the simulated client; reads come
+    from it into the server's `ClientProtocol`, as asyncio's socket transport delivers them (in order,
+    held while reading is paused, then `connection_lost` once closed)."""
 
     def __init__(self, connection: Connection) -> None:
         super().__init__()
         self.connection = connection
         self._closing = False
+        self._paused: list[Callable[[], object]] | None = None  # reads held while paused
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._closing:
@@ -49,6 +52,7 @@ class ClientTransport(asyncio.WriteTransport):
         if not self._closing:
             self._closing = True
             self.connection.to_client(b"")
+            self.connection.server.loop.call_soon(self.connection.protocol.connection_lost, None)
 
     def abort(self) -> None:
         self.close()
@@ -58,6 +62,25 @@ class ClientTransport(asyncio.WriteTransport):
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def pause_reading(self) -> None:
+        if self._paused is None:
+            self._paused = []
+
+    def resume_reading(self) -> None:
+        held, self._paused = self._paused or [], None
+        for read in held:
+            self.read(read)
+
+    def is_reading(self) -> bool:
+        return self._paused is None
+
+    def read(self, action: Callable[[], object]) -> None:
+        """Hand the protocol one read (or the end of the stream), unless reading is paused or closed."""
+        if self._paused is not None:
+            self._paused.append(action)
+        elif not self._closing:
+            action()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "peername":
@@ -85,18 +108,16 @@ class Connection:
         self._to_server_at = float("-inf")
         self._to_client_at = float("-inf")
         self._buffer = b""
-        loop = server.loop
-        self.reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
         self.transport = ClientTransport(self)
-        writer = asyncio.StreamWriter(self.transport, asyncio.Protocol(), self.reader, loop)
-        loop.create_task(server.node.chat.serve_stream(self.reader, writer))
+        self.protocol = server.node.chat.client_protocol()
+        server.loop.call_soon(self.protocol.connection_made, self.transport)  # as asyncio's accept does
 
     def _delay(self) -> float:
         return self.world.rng.uniform(*CLIENT_DELAY_S)
 
     def send(self, message: dict[str, Any]) -> None:
         data = (json.dumps(message) + "\n").encode()
-        self._to_server(lambda: self.reader.feed_data(data))
+        self._to_server(lambda: self.protocol.data_received(data))
 
     def close(self) -> None:
         """The client closes its end (quit done, route followed, or an abrupt disconnect)."""
@@ -104,9 +125,9 @@ class Connection:
             return
         self.open = False
         self.closed_by_client = True
-        self._to_server(self.reader.feed_eof)
+        self._to_server(self.protocol.eof_received)
 
-    def _to_server(self, action: Callable[[], None]) -> None:
+    def _to_server(self, action: Callable[[], object]) -> None:
         if not self.server.alive:
             return
         at = max(self.world.clock.now + self._delay(), self._to_server_at + ORDER_STEP_S)
@@ -114,8 +135,8 @@ class Connection:
         server = self.server
 
         def deliver() -> None:
-            if server.alive and not self.reader.at_eof():
-                action()
+            if server.alive:
+                self.transport.read(action)
 
         server.loop.call_at(at, deliver)
 

@@ -7,7 +7,7 @@ over ElectionNode) on its own `SimLoop`. What stands in for the outside world:
 - the coordination network: `bully.memory_transport.MemoryTransport`s on one `MemoryNetwork` with a random
   delay per frame and partitions;
 - PySyncObj: `tests.sim.cluster.raft` (a Raft log model over the real `RegistryState`);
-- client sockets: in-memory connections to `ChatServer.serve_stream` (`tests.sim.cluster.clients`);
+- client sockets: in-memory connections to `ChatServer.client_protocol()` (`tests.sim.cluster.clients`);
 - the wall clock: `time.time`/`time.time_ns` read the fake clock during a run (incarnations, move expiry).
 One `random.Random(seed)` draws everything: delays, faults, client behaviour, election jitter.
 
