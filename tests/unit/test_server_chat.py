@@ -188,6 +188,16 @@ async def serving(limits: Limits = FAST, directory: MemoryDirectory | None = Non
         await server.close()
 
 
+async def alice_and_bob(server: ChatServer) -> tuple[Client, Client]:
+    """Alice and then Bob logged in to MainHall; Alice has seen Bob arrive."""
+    a = await Client.connect(server.port)
+    await a.login("Alice")
+    b = await Client.connect(server.port)
+    await b.login("Bob")
+    assert await a.recv() == rc("Bob", "", MAIN)
+    return a, b
+
+
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
@@ -204,11 +214,7 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 def test_newidentity_then_broadcast_to_mainhall_and_messages_to_others() -> None:
     async def scenario() -> None:
         async with serving() as (server, directory):
-            a = await Client.connect(server.port)
-            await a.login("Alice")
-            b = await Client.connect(server.port)
-            await b.login("Bob")
-            assert await a.recv() == rc("Bob", "", MAIN)
+            a, b = await alice_and_bob(server)
             await a.send({"type": "message", "content": "héllo ☃"})
             assert await b.recv() == {"type": "message", "identity": "Alice", "content": "héllo ☃"}
             await a.expect_nothing()  # never echoed
@@ -389,11 +395,7 @@ def test_input_read_while_the_server_stalled_waits_for_the_guard_and_keeps_its_o
         guard = StallGuard(threshold_s=0.05, on_stall=lambda gap: None)
         async with serving(stall_guard=guard) as (server, _):
             loop = asyncio.get_running_loop()
-            a = await Client.connect(server.port)
-            await a.login("Alice")
-            b = await Client.connect(server.port)
-            await b.login("Bob")
-            assert await a.recv() == rc("Bob", "", MAIN)
+            a, b = await alice_and_bob(server)
             guard.last_tick = loop.time() - 1.0  # the watchdog last ran a second ago: the next read sees a stall
             await a.send({"type": "message", "content": "one"})
             await a.send({"type": "message", "content": "two"})
@@ -786,11 +788,7 @@ def test_broadcasts_right_after_a_flush_are_coalesced_but_replies_never_wait() -
     async def scenario() -> None:
         async with serving(Limits(message_rate_per_s=0, broadcast_coalesce_s=window)) as (server, _):
             loop = asyncio.get_running_loop()
-            a = await Client.connect(server.port)
-            await a.login("Alice")
-            b = await Client.connect(server.port)
-            await b.login("Bob")
-            assert await a.recv() == rc("Bob", "", MAIN)
+            a, b = await alice_and_bob(server)
             await asyncio.sleep(window)  # a quiet moment (the login's writes are older than the window)
             sent = loop.time()
             await a.send({"type": "message", "content": "one"})
