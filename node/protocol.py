@@ -64,7 +64,7 @@ class DeleteRoomMessage:
     roomid: str
 
 
-# Not frozen, as every other message is: a frozen dataclass's __init__ sets each field through
+# Not frozen, unlike every other message: a frozen dataclass's __init__ sets each field through
 # object.__setattr__, twice the cost, and this one is built for every chat line (issue 14). Nothing
 # mutates it; the chat core only reads `content`.
 @dataclass(slots=True)
