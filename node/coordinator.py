@@ -233,31 +233,30 @@ class ClusterDirectory:
         wire = {"kind": REQUEST_KIND, "command": command_to_wire(command)}
         self.unfinished.add(command.request_id)
         try:
-            try:
-                while True:
-                    match retry.next(loop.time(), self.election.coordinator):
-                        case Finish(approved, in_doubt):
-                            break
-                        case Wait(timeout_s):
-                            await self._wait_coordinator_change(timeout_s)
-                        case Ask(coordinator, timeout_s):
-                            try:
-                                reply = await self._ask(coordinator, wire, timeout_s)
-                            except Exception as exc:  # RequestFailed, timeouts: the coordinator may be gone
-                                log.debug("request %s to %s failed: %s", command.request_id, coordinator, exc)
-                                retry.failed(loop.time())
-                            else:
-                                retry.answered(loop.time(), reply)
-            except asyncio.CancelledError:
-                if retry.abandoned(loop.time()).in_doubt:
-                    self._refused(command, in_doubt=True, why="(abandoned)")
-                raise
+            while True:
+                match retry.next(loop.time(), self.election.coordinator):
+                    case Finish(approved, in_doubt):
+                        break
+                    case Wait(timeout_s):
+                        await self._wait_coordinator_change(timeout_s)
+                    case Ask(coordinator, timeout_s):
+                        try:
+                            reply = await self._ask(coordinator, wire, timeout_s)
+                        except Exception as exc:  # RequestFailed, timeouts: the coordinator may be gone
+                            log.debug("request %s to %s failed: %s", command.request_id, coordinator, exc)
+                            retry.failed(loop.time())
+                        else:
+                            retry.answered(loop.time(), reply)
             if approved:
                 self.approvals += 1
                 self.latency.observe(loop.time() - started)
                 return True
             self._refused(command, in_doubt, why=f"after {deadline_s:.1f}s")
             return False
+        except asyncio.CancelledError:
+            if retry.abandoned(loop.time()).in_doubt:
+                self._refused(command, in_doubt=True, why="(abandoned)")
+            raise
         finally:
             # After `_refused` filed it in `in_doubt` (if it is in doubt): while its commit can matter, the id
             # is in one of the two.

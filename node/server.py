@@ -416,10 +416,7 @@ class ChatServer:
             # otherwise log the cancellation as an unhandled error. Nothing awaits this task's result.
             return
         except Exception:
-            # A bug in our code must end this connection, never the server.
-            log.exception("%s: error serving a client", self.server_id)
-            if conn is not None and self._conns.get(conn.cid) is conn:
-                self._apply(self.core.drop(conn.cid, "internal error"))
+            self._internal_error(conn)
         finally:
             del self._readers[task]
 
@@ -469,11 +466,15 @@ class ChatServer:
             if not self._serve_lines(conn, lines, too_long):
                 reader.ended = True
         except Exception:
-            # A bug in our code must end this connection, never the server.
-            log.exception("%s: error serving a client", self.server_id)
             reader.ended = True
-            if self._conns.get(conn.cid) is conn:
-                self._apply(self.core.drop(conn.cid, "internal error"))
+            self._internal_error(conn)
+
+    def _internal_error(self, conn: _Conn | None) -> None:
+        """A bug in our code while serving `conn` (called in an except block): it ends this connection,
+        never the server."""
+        log.exception("%s: error serving a client", self.server_id)
+        if conn is not None and self._conns.get(conn.cid) is conn:
+            self._apply(self.core.drop(conn.cid, "internal error"))
 
     async def _serve_held(self, reader: ClientProtocol, guard: StallGuard) -> None:
         await guard.wait_open()
