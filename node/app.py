@@ -340,8 +340,7 @@ class Node:
             await asyncio.sleep(self.timings.announce_timeout_s)
         if self._stop.is_set():
             return
-        self.serving = True
-        self.publish_snapshot()
+        # The line first: whoever sees "serving" in /status (run_cluster's supervisor) finds it written.
         print(
             f"chatmesh {self.server_id} ready: clients {self.me.host}:{self.me.clients_port}, "
             f"websocket {ws_url(self.me, self.options.tls.websocket is not None)}, "
@@ -349,6 +348,8 @@ class Node:
             f"(pid {os.getpid()})",
             flush=True,
         )
+        self.serving = True
+        self.publish_snapshot()
 
     # -- election and registry callbacks --------------------------------------------------------------
 

@@ -43,7 +43,8 @@ def test_starts_all_prints_table_and_stops_cleanly_on_sigint(tmp_path: Path) -> 
         table = [line for line in lines if line[:1] == "s" and line[1:2].isdigit()]
         assert [row.split()[0] for row in table] == ["s1", "s2", "s3"]
         assert table[2].split()[-1] == "coordinator"
-        assert any(line.startswith("[s1] chatmesh s1 ready") for line in lines)
+        # Each server's lines come through its own pump thread, which may trail the supervisor's table.
+        wait_until(lambda: any(line.startswith("[s1] chatmesh s1 ready") for line in lines), 10, 0.05, "s1's line")
         text = config.read_text().split("\n")[1:4]
         admin = [int(row.split()[5]) for row in text]
         clients = [int(row.split()[2]) for row in text]
