@@ -1,6 +1,7 @@
 """Identity and room approval latency as a client sees it, against the bare Raft commit of the same run.
 
-    python -m bench.approval [--quick] [--sizes 3,5,6] [--persistent-size 5] [--out bench/results/approval.json]
+    python -m bench.approval [--quick] [--sizes 3,5,6] [--persistent-size 5] [--cpus 0-1]
+                             [--out bench/results/approval.json]
 
 Each approval crosses the whole cluster: the client's server asks the Fast Bully coordinator, which
 commits the claim to the Raft registry (a majority of the servers) before the client hears `approved`.
@@ -24,6 +25,12 @@ Modes:
   competes with the next claim. Sequential, from a client of the coordinator and of another server, then
   64 concurrent cycling clients on the other server. The latency is from the connect to `approved`.
 
+Each row also gives the chat servers' CPU per approval and, in brackets, their event loops' share (main
+threads; the rest is PySyncObj's and the admin server's threads). `--cpus` pins the whole run (this process
+and every server, bare node and hop it starts) to the CPUs given: with `--cpus 0` every step of a login
+waits for the one core, so latency becomes the sum of the CPU each step takes (docs/benchmarks.md, seventh
+round, compares one core with two).
+
 Latency is measured in this process (asyncio, raw sockets). Targets (issue 14), client on a
 non-coordinator: persistent p50 <= 1.25x the commit p50 (5 servers); login cycle p50 <= 2x and p99 <= 4x
 the commit p50 (5 servers), p50 growing < 25% from 3 to 6 servers; 64 concurrent login cycles >= 5x the
@@ -35,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +58,7 @@ from bench.common import (
     format_table,
     latency_summary,
     machine_info,
+    main_thread_cpu_s,
     match_server_priority,
     node_importable,
     proc_cpu_s,
@@ -89,6 +98,7 @@ class Phase:
         self.refused: dict[str, int] = {kind: 0 for kind in kinds}
         self.wall_s = 0.0
         self.cpu_s = 0.0  # CPU of the chat servers meanwhile
+        self.loop_cpu_s = 0.0  # of which their event loops' (main threads)
 
     def record(self, kind: str, reply: dict[str, Any], seconds: float) -> None:
         if reply.get("approved") == "true":
@@ -106,6 +116,7 @@ class Phase:
             self.refused[kind] += other.refused[kind]
         self.wall_s += other.wall_s
         self.cpu_s += other.cpu_s
+        self.loop_cpu_s += other.loop_cpu_s
         return self
 
 
@@ -208,6 +219,8 @@ def rows_of(where: str, mode: str, phase: Phase, commit: dict[str, Any]) -> list
                 "p99_x_commit": summary["p99_ms"] / commit["p50_ms"],
                 # CPU of all chat servers per approval, against the bare nodes' CPU per commit.
                 "server_cpu_ms_per_approval": 1000.0 * phase.cpu_s / max(1, phase.approvals),
+                # Of which the chat servers' event loops (the rest: their PySyncObj and admin threads).
+                "server_loop_cpu_ms_per_approval": 1000.0 * phase.loop_cpu_s / max(1, phase.approvals),
                 "commit_cpu_ms": commit["cpu_ms_per_commit"],
                 "cpu_x_commit": 1000.0 * phase.cpu_s / max(1, phase.approvals) / commit["cpu_ms_per_commit"],
                 **floor_of(where, mode, commit),
@@ -346,9 +359,10 @@ class CommitProbe:
         commits, commit_cpu = list(ms), cpu
         floors = {key: list(values) for key, values in floor.items()}
         for i in range(chunks):
-            cpu0 = cpu_s(self.chat_pids)
+            cpu0, loops0 = cpu_s(self.chat_pids), loops_cpu_s(self.chat_pids)
             phase = await run(i)
             phase.cpu_s = cpu_s(self.chat_pids) - cpu0
+            phase.loop_cpu_s = loops_cpu_s(self.chat_pids) - loops0
             merged = phase if merged is None else merged.merge(phase)
             ms, cpu, floor = await self.block()
             commits += ms
@@ -393,6 +407,23 @@ def floor_summary(floors: dict[str, list[float]]) -> dict[str, dict[str, float]]
 
 def cpu_s(pids: list[int]) -> float:
     return sum(proc_cpu_s(pid) for pid in pids)
+
+
+def loops_cpu_s(pids: list[int]) -> float:
+    return sum(main_thread_cpu_s(pid) for pid in pids)
+
+
+def parse_cpus(text: str) -> set[int]:
+    """`0`, `0,1` or `0-3`: the CPUs to run on; ValueError naming what is wrong."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"--cpus {text!r}: expected CPU numbers like 0 or 0,1 or 0-3")
+        cpus.update(range(int(first), int(last or first) + 1))
+    if not cpus:
+        raise ValueError(f"--cpus {text!r}: no CPU")
+    return cpus
 
 
 async def measure(cluster: Any, counts: dict[str, int], persistent: bool, probe: CommitProbe) -> list[dict[str, Any]]:
@@ -623,8 +654,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logins", type=int, help="sequential login cycles per server (default 400, quick 100)")
     parser.add_argument("--cycles", type=int, help="login cycles per concurrent client (default 12, quick 3)")
     parser.add_argument("--commits", type=int, help="bare commits per block between phases (default 100, quick 40)")
+    parser.add_argument(
+        "--cpus", help="run the whole bench (servers, bare nodes, clients) on these CPUs only, e.g. 0 or 0-1"
+    )
     parser.add_argument("--out", default=str(default_out("approval")), help="where to write the JSON results")
     args = parser.parse_args(argv)
+    cpus_arg = ["--cpus", args.cpus] if args.cpus else []
+    if args.cpus:
+        # Before any process starts: every server, bare node and hop inherits the affinity.
+        try:
+            os.sched_setaffinity(0, parse_cpus(args.cpus))
+        except ValueError as exc:
+            print(f"bench.approval: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            usable = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
+            print(f"bench.approval: --cpus {args.cpus}: {exc.strerror} (usable here: {usable})", file=sys.stderr)
+            return 2
     counts = {
         "sequential": args.sequential or (60 if args.quick else 500),
         "rounds": args.rounds or (2 if args.quick else 12),
@@ -646,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for result in per_size for row in result["rows"]]
 
     header = ("servers", "client on", "mode", "request", "n", "refused", "p50 ms", "p99 ms", "max ms",
-              "p50/commit", "p99/commit", "cpu/commit", "approvals/s")  # fmt: skip
+              "p50/commit", "p99/commit", "cpu/commit", "cpu ms (loops)", "approvals/s")  # fmt: skip
     table = [
         (
             r["servers"],
@@ -661,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['p50_x_commit']:.2f}x",
             f"{r['p99_x_commit']:.2f}x",
             f"{r['cpu_x_commit']:.2f}x",
+            f"{r['server_cpu_ms_per_approval']:.2f} ({r['server_loop_cpu_ms_per_approval']:.2f})",
             "-" if r["approvals_per_s"] is None else f"{r['approvals_per_s']:.0f}",
         )
         for r in rows
@@ -692,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     print("targets: " + ", ".join(f"{k} {'-' if v is None else 'MET' if v else 'NOT MET'}" for k, v in met.items()))
     report = {
         "bench": "approval",
-        "command": "python -m bench.approval" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m bench.approval", *(["--quick"] if args.quick else []), *cpus_arg]),
         "machine": machine_info(),
         "sizes": sorted(sizes),
         "persistent_size": args.persistent_size,
