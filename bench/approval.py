@@ -659,7 +659,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(default_out("approval")), help="where to write the JSON results")
     args = parser.parse_args(argv)
-    cpus_arg = ["--cpus", args.cpus] if args.cpus else []
     if args.cpus:
         # Before any process starts: every server, bare node and hop inherits the affinity.
         try:
@@ -737,9 +736,11 @@ def main(argv: list[str] | None = None) -> int:
         print(format_floor(entry))
     met = verdicts(rows, args.persistent_size)
     print("targets: " + ", ".join(f"{k} {'-' if v is None else 'MET' if v else 'NOT MET'}" for k, v in met.items()))
+    command = "python -m bench.approval" + (" --quick" if args.quick else "")
+    command += f" --cpus {args.cpus}" if args.cpus else ""
     report = {
         "bench": "approval",
-        "command": " ".join(["python -m bench.approval", *(["--quick"] if args.quick else []), *cpus_arg]),
+        "command": command,
         "machine": machine_info(),
         "sizes": sorted(sizes),
         "persistent_size": args.persistent_size,

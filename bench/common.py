@@ -182,18 +182,23 @@ def proc_status_kib(pid: int, field: str = "VmRSS") -> int:
     raise KeyError(f"{field} not in /proc/{pid}/status")
 
 
-def proc_cpu_s(pid: int, stat: str | None = None) -> float:
-    """User + system CPU seconds a process has used (from /proc/<pid>/stat, or the `stat` file given)."""
-    raw = Path(stat or f"/proc/{pid}/stat").read_text()
+def _stat_cpu_s(stat: str) -> float:
+    """User + system CPU seconds from a /proc stat file (a process's or one thread's)."""
+    raw = Path(stat).read_text()
     fields = raw[raw.rindex(")") + 2 :].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of stat)
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used, all its threads."""
+    return _stat_cpu_s(f"/proc/{pid}/stat")
+
+
 def main_thread_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process's main thread, where a chat server runs its event loop (the
     rest of `proc_cpu_s` is PySyncObj's thread and the admin server's)."""
-    return proc_cpu_s(pid, f"/proc/{pid}/task/{pid}/stat")
+    return _stat_cpu_s(f"/proc/{pid}/task/{pid}/stat")
 
 
 def machine_busy_s() -> float:
